@@ -1,0 +1,144 @@
+"""Timing, roofline and result-file helpers shared by every benchmark script.
+
+Rules (DESIGN.md, "Benchmarks"): CUDA-event timing (triton.testing.do_bench, median) after
+warm-up, on random data, rotating input sets when they fit in L2; the two ceilings (HBM copy
+bandwidth, bf16 matmul rate) measured in the same run; every run writes
+`benchmarks/results/<bench>-<gpu>-<yyyymmdd-hhmm>.json` and prints a markdown table.
+On a machine without a GPU the same code runs at toy sizes with a wall-clock timer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+L2_BYTES = 50 * 2**20  # H100 SXM; inputs smaller than this are rotated so repeats miss the cache
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gpu_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}"
+
+
+def slug(name: str) -> str:
+    return "".join(c.lower() if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
+
+
+def environment() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - triton is a dependency
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "gpu": gpu_name(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "git_commit": commit,
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def rotating(make_inputs: Callable[[], tuple], bytes_per_set: int) -> Callable[[], tuple]:
+    """Return a function yielding input sets in turn: enough sets that together they exceed L2
+    (at most 16), so a repeated call does not time the cache."""
+    n = 1 if bytes_per_set >= L2_BYTES else min(16, -(-2 * L2_BYTES // max(bytes_per_set, 1)))
+    sets = [make_inputs() for _ in range(n)]
+    cycle = itertools.cycle(sets)
+    return lambda: next(cycle)
+
+
+def time_us(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of `fn()` in microseconds: CUDA events on a GPU, wall clock on CPU."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+    fn()  # warm-up (compiles, allocator)
+    samples = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(samples) < 3 or (time.perf_counter() < deadline and len(samples) < 50):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1e6
+
+
+def measure_ceilings(quick: bool = False) -> dict:
+    """Measure the two roofline ceilings on this device, in this run.
+
+    hbm_tbps: a large device-to-device copy, counting bytes read plus bytes written.
+    matmul_tflops: a large bf16 matmul (fp32 on CPU, where bf16 matmul is not representative).
+    """
+    dev = device()
+    n_bytes = (2**20 if quick else 2**31) if dev == "cuda" else 2**24
+    src = torch.randn(n_bytes // 4, device=dev)
+    dst = torch.empty_like(src)
+    t_copy = time_us(lambda: dst.copy_(src)) * 1e-6
+    hbm = 2 * n_bytes / t_copy / 1e12
+    m = (1024 if quick else 8192) if dev == "cuda" else 256
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    a = torch.randn(m, m, device=dev, dtype=dtype)
+    b = torch.randn(m, m, device=dev, dtype=dtype)
+    t_mm = time_us(lambda: a @ b) * 1e-6
+    del src, dst, a, b
+    return {"hbm_tbps": hbm, "matmul_tflops": 2 * m**3 / t_mm / 1e12, "matmul_dtype": str(dtype)}
+
+
+def roofline(us: float, bytes_moved: float, flops: float, ceilings: dict) -> dict:
+    """Achieved rates and the fraction of the roofline: floor = max(bytes/BW, flops/peak)."""
+    t = us * 1e-6
+    floor_s = max(bytes_moved / (ceilings["hbm_tbps"] * 1e12), flops / (ceilings["matmul_tflops"] * 1e12))
+    return {
+        "tbps": bytes_moved / t / 1e12,
+        "tflops": flops / t / 1e12,
+        "roofline_us": floor_s * 1e6,
+        "pct_roofline": 100.0 * floor_s / t,
+        "bound": "memory" if bytes_moved / ceilings["hbm_tbps"] >= flops / ceilings["matmul_tflops"] else "compute",
+    }
+
+
+def write_results(bench: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """Write `<bench>-<gpu>-<yyyymmdd-hhmm>.json` under benchmarks/results (or out_dir)."""
+    out_dir = Path(out_dir or os.environ.get("LLAMA4_FAST_RESULTS", RESULTS_DIR))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
+    path = out_dir / f"{bench}-{slug(gpu_name())}-{stamp}.json"
+    path.write_text(json.dumps({"bench": bench, "environment": environment(), **payload}, indent=2) + "\n")
+    return path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """rows: dicts; columns: (key, header, format spec). Missing values print as '-'."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |"
+    sep = "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

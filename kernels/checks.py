@@ -1,0 +1,124 @@
+"""Argument validation shared by the kernel launchers and the `llama4_fast.ops` front door.
+
+Every public entry point calls these before touching data, so bad input fails with a
+ValueError/TypeError that names the argument instead of a crash or a silent wrong answer.
+Checks that would need a device->host copy (expert ids in range) run only on CPU tensors;
+on CUDA the kernels skip out-of-range ids instead, so decode stays free of host syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SCORINGS = ("sigmoid", "softmax")
+
+
+def tensor(name: str, x, *, ndim: int | None = None, dtypes=None, contiguous: bool = False):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(x.dtype).replace('torch.', '')}")
+    if contiguous and not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items()}
+    first_name, first = next(iter(devices.items()))
+    for name, dev in devices.items():
+        if dev != first:
+            raise ValueError(f"{name} is on {dev} but {first_name} is on {first}: all inputs must share a device")
+
+
+def route_args(router_logits, top_k, scoring, renormalize):
+    tensor("router_logits", router_logits, ndim=2, dtypes=FLOAT_DTYPES)
+    num_experts = router_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if renormalize and scoring != "softmax":
+        raise ValueError("renormalize=True is only defined for scoring='softmax'")
+
+
+def moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids):
+    """Shapes: hidden_states [T, H]; gate_up_proj [E, H, 2I]; down_proj [E, I, H];
+    topk_weights [T, k] float; topk_ids [T, k] integer."""
+    tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES)
+    tensor("gate_up_proj", gate_up_proj, ndim=3)
+    tensor("down_proj", down_proj, ndim=3)
+    tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES)
+    tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64))
+    same_device(hidden_states=hidden_states, gate_up_proj=gate_up_proj, down_proj=down_proj,
+                topk_weights=topk_weights, topk_ids=topk_ids)
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if w.dtype != hidden_states.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but hidden_states has {hidden_states.dtype}: "
+                            "weights and activations must share a dtype (quantized experts take the "
+                            "quant_linear/fused_moe formats)")
+    T, H = hidden_states.shape
+    E, H2, two_i = gate_up_proj.shape
+    if H2 != H:
+        raise ValueError(f"gate_up_proj must be [E, H={H}, 2I], got {tuple(gate_up_proj.shape)}")
+    if two_i % 2:
+        raise ValueError(f"gate_up_proj's last dimension (2I) must be even, got {two_i}")
+    inter = two_i // 2
+    if tuple(down_proj.shape) != (E, inter, H):
+        raise ValueError(f"down_proj must be [E={E}, I={inter}, H={H}], got {tuple(down_proj.shape)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                         f"must both be [T={T}, top_k]")
+    if topk_ids.shape[1] > E:
+        raise ValueError(f"top_k={topk_ids.shape[1]} exceeds the number of experts E={E}")
+    if topk_ids.device.type == "cpu" and topk_ids.numel():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"topk_ids must lie in [0, {E}), got values in [{lo}, {hi}]")
+
+
+def attention_args(q, k, v, chunk_size, scale, kv_start):
+    """Shapes: q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D]; Hq % Hkv == 0; Sq <= Skv."""
+    tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
+    same_device(q=q, k=k, v=v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, Hkv, Skv, D={D}], got {tuple(k.shape)}")
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the KV heads ({Hkv})")
+    if Sq > Skv:
+        raise ValueError(f"q has {Sq} positions but k only {Skv}: the queries are the last Sq of the Skv keys")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if isinstance(kv_start, torch.Tensor):
+        tensor("kv_start", kv_start, ndim=1, dtypes=(torch.int32, torch.int64))
+        if kv_start.shape[0] != B:
+            raise ValueError(f"kv_start must be an int or a [B={B}] tensor, got shape {tuple(kv_start.shape)}")
+        same_device(q=q, kv_start=kv_start)
+    elif isinstance(kv_start, bool) or not isinstance(kv_start, int):
+        raise TypeError(f"kv_start must be an int or an int tensor [B], got {type(kv_start).__name__}")
+
+
+def rms_norm_args(x, weight, eps):
+    tensor("x", x, dtypes=FLOAT_DTYPES)
+    if weight is not None:
+        tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES)
+        if weight.shape[0] != x.shape[-1]:
+            raise ValueError(f"weight has {weight.shape[0]} elements but x's last dimension is {x.shape[-1]}")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")

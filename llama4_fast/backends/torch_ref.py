@@ -1,0 +1,114 @@
+"""The `torch` backend: plain PyTorch reference implementations that run anywhere.
+
+They define the semantics the Triton kernels must match (see `llama4_fast.ops` for the
+contracts) and are reasonably fast on CPU: the MoE runs only the selected experts, attention
+reads grouped K/V without repeating it and visits only the keys a query block can see.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llama4_fast import registry
+
+# Queries per block in the attention reference: bounds the [B, H, block, keys] score tensor.
+_ATTN_QUERY_BLOCK = 512
+
+
+@registry.register("route", "torch")
+def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
+    if scoring == "sigmoid":
+        logits, ids = torch.topk(router_logits, top_k, dim=-1)
+        weights = torch.sigmoid(logits.float())
+    else:
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+@registry.register("fused_moe", "torch")
+def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
+              apply_router_weight_on_input=True):
+    T, H = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    inter = down_proj.shape[1]
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
+    flat_ids = topk_ids.reshape(-1).long()
+    order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
+    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
+    flat_weights = topk_weights.reshape(-1).float()
+    start = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        rows = pairs // top_k
+        x = hidden_states[rows]
+        w = flat_weights[pairs, None]
+        if apply_router_weight_on_input:
+            x = (x.float() * w).to(hidden_states.dtype)
+        gate_up = x @ gate_up_proj[expert]
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        y = (h @ down_proj[expert]).float()
+        if not apply_router_weight_on_input:
+            y = y * w
+        out.index_add_(0, rows, y)
+    return out.to(hidden_states.dtype)
+
+
+def key_positions_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Boolean [..., Sq, Skv] mask from absolute positions q_pos [..., Sq] and k_pos [..., Skv]:
+    causal, no negative (padding) keys, and same chunk when chunk_size is set."""
+    q = q_pos[..., :, None]
+    s = k_pos[..., None, :]
+    visible = (s <= q) & (s >= 0)
+    if chunk_size is not None:
+        visible &= torch.div(s, chunk_size, rounding_mode="floor") == torch.div(q, chunk_size, rounding_mode="floor")
+    return visible
+
+
+@registry.register("attention", "torch")
+def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0):
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    starts = kv_start.long().view(B, 1) if isinstance(kv_start, torch.Tensor) else \
+        torch.full((B, 1), kv_start, dtype=torch.long, device=q.device)
+    first_query = Skv - Sq
+    # [B, Hkv, group, Sq, D]: query heads of one KV head are adjacent, so no K/V copy is needed.
+    qg = q.reshape(B, Hkv, group, Sq, D)
+    out = torch.empty(B, Hkv, group, Sq, D, dtype=q.dtype, device=q.device)
+    for i0 in range(0, Sq, _ATTN_QUERY_BLOCK):
+        i1 = min(i0 + _ATTN_QUERY_BLOCK, Sq)
+        hi = first_query + i1  # causal: no query of the block sees a key past this index
+        # A chunked query sees at most chunk_size - 1 keys before itself, whatever its start.
+        lo = 0 if chunk_size is None else max(0, first_query + i0 - chunk_size + 1)
+        q_pos = starts + first_query + torch.arange(i0, i1, device=q.device)
+        k_pos = starts + torch.arange(lo, hi, device=q.device)
+        visible = key_positions_visible(q_pos, k_pos, chunk_size)[:, None, None]  # [B,1,1,bq,bk]
+        scores = torch.matmul(qg[:, :, :, i0:i1].float(), k[:, :, None, lo:hi].float().transpose(-1, -2))
+        scores = scores * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+        out[:, :, :, i0:i1] = torch.matmul(probs, v[:, :, None, lo:hi].float()).to(q.dtype)
+    return out.reshape(B, Hq, Sq, D)
+
+
+@registry.register("rms_norm", "torch")
+def rms_norm(x, weight, eps):
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else y * weight
+
+
+@registry.register("rope", "torch")
+def rope(x, cos, sin):
+    xf = x.float().unflatten(-1, (-1, 2))
+    even, odd = xf[..., 0], xf[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).to(x.dtype)

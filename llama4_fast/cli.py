@@ -1,0 +1,133 @@
+"""`llama4-fast` command line.
+
+    llama4-fast demo                      # built-in tiny random Llama 4, no download
+    llama4-fast demo --model DIR          # a real checkpoint directory (config.json + safetensors)
+    llama4-fast demo --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from llama4_fast import Llama4, hf_patch, registry
+
+
+def _load(args):
+    """(transformers model, prompt ids [1, S], tokenizer or None, description)."""
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    if args.model is None:
+        from llama4_fast.tiny import tiny_hf_model
+
+        model = tiny_hf_model(seed=args.seed, dtype=dtype, device=args.device)
+        return model, _random_prompt(model, args), None, "built-in tiny random Llama 4"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=args.device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        prompt = tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
+    except (OSError, ValueError):
+        tokenizer, prompt = None, _random_prompt(model, args)
+    return model, prompt, tokenizer, args.model
+
+
+def _random_prompt(model, args):
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(args.seed)
+    return torch.randint(3, vocab, (1, args.prompt_len), generator=gen).to(args.device)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_generate(generate, device, new_tokens):
+    generate(min(4, new_tokens))  # warm-up: kernel compilation and allocator out of the timing
+    _sync(device)
+    t0 = time.perf_counter()
+    out = generate(new_tokens)
+    _sync(device)
+    return out, new_tokens / (time.perf_counter() - t0)
+
+
+def demo(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda requested but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    model, prompt, tokenizer, name = _load(args)
+    cfg = model.config.get_text_config()
+    dtype = next(model.parameters()).dtype
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {name} ({cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts, top-{cfg.num_experts_per_tok}, "
+          f"{n_params / 1e6:.1f}M parameters), {args.device}, {str(dtype).replace('torch.', '')}")
+    print(f"prompt: {prompt.shape[1]} tokens, {args.new_tokens} new tokens, greedy, attention chunk "
+          f"{cfg.attention_chunk_size}\n")
+
+    def hf_generate(n):
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False)
+
+    with torch.no_grad():
+        ref_tokens, ref_tps = _timed_generate(hf_generate, args.device, args.new_tokens)
+        ref_logits = model(ref_tokens).logits
+        hf_patch.patch(model)
+        try:
+            with registry.record() as calls:
+                tokens, tps = _timed_generate(hf_generate, args.device, args.new_tokens)
+                logits = model(ref_tokens).logits
+            thin = Llama4.from_hf(model)
+            thin_tokens, thin_tps = _timed_generate(lambda n: thin.generate(prompt, n), args.device, args.new_tokens)
+        finally:
+            hf_patch.unpatch(model)
+
+    backends = {}
+    for (op, backend), n in sorted(calls.items()):
+        backends.setdefault(op, []).append(f"{backend} ({n} calls)")
+    print("| op | backend used by the patched model |")
+    print("|---|---|")
+    for op, used in backends.items():
+        print(f"| {op} | {', '.join(used)} |")
+
+    n_new = args.new_tokens
+    same = int((tokens[0, -n_new:] == ref_tokens[0, -n_new:]).sum())
+    thin_same = int((thin_tokens[0, -n_new:] == ref_tokens[0, -n_new:]).sum())
+    diff = (logits.float() - ref_logits.float()).abs().max().item()
+    print("\n| run | tokens/s | speed-up | identical tokens |")
+    print("|---|---:|---:|---|")
+    print(f"| transformers ({model.config._attn_implementation}) | {ref_tps:.1f} | 1.00x | reference |")
+    print(f"| transformers + llama4_fast.patch | {tps:.1f} | {tps / ref_tps:.2f}x | "
+          f"{'yes' if same == n_new else 'no'} ({same}/{n_new}) |")
+    print(f"| llama4_fast.Llama4 (thin model) | {thin_tps:.1f} | {thin_tps / ref_tps:.2f}x | "
+          f"{'yes' if thin_same == n_new else 'no'} ({thin_same}/{n_new}) |")
+    print(f"\nmax |logit difference|, patched vs unpatched, over {ref_tokens.shape[1]} positions: {diff:.2e}")
+    print("tokens/s: new tokens over the wall time of generate (prefill included), after a warm-up run")
+    if tokenizer is not None:
+        print("\ncompletion:", tokenizer.decode(tokens[0, prompt.shape[1]:]))
+    return 0 if same == n_new else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="llama4-fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="generate with transformers, with and without llama4_fast.patch, and compare")
+    d.add_argument("--model", help="checkpoint directory (default: the built-in tiny random model)")
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    d.add_argument("--new-tokens", type=int, default=40)
+    d.add_argument("--prompt-len", type=int, default=64, help="random prompt length (tiny model, or no tokenizer)")
+    d.add_argument("--prompt", default="The three ways to use a kernel library are", help="prompt text (--model)")
+    d.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.new_tokens < 1:
+        parser.error("--new-tokens must be >= 1")
+    return demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

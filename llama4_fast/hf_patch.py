@@ -1,0 +1,278 @@
+"""Patch a Hugging Face transformers Llama 4 so its hot paths run through `llama4_fast.ops`.
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    llama4_fast.patch(model)      # in place; returns the model
+    llama4_fast.unpatch(model)    # exactly as before
+
+What is replaced, per module instance (the classes stay untouched unless `patch_llama4()`):
+- Llama4TextMoe.forward: routed experts by `ops.fused_moe` over the selected experts only
+  (transformers runs all experts on all tokens), shared expert as before. It still returns
+  `(out, router_logits)`, so `output_router_logits` works.
+- Llama4Router.forward: `ops.route` (sigmoid top-k); returns `((weights, ids), router_logits)`,
+  keeping the logits at index 1 where transformers' output recorder reads them.
+- Llama4TextRMSNorm / Llama4TextL2Norm.forward: `ops.rms_norm`.
+- Attention: the text config's attention implementation becomes "llama4_fast", registered in
+  transformers' attention interface and in its mask interface. The mask function does not
+  build a dense mask: it returns a `MaskLayout` (key positions and chunk size) that the
+  attention function hands to `ops.attention`. Without the mask registration transformers
+  would skip mask creation for an unknown implementation, and chunked layers would silently
+  lose their chunking. Patterns the layout cannot express (static caches, packed sequences,
+  masks with holes, custom overlays) fall back, with a one-time warning, to a dense mask and
+  transformers' own SDPA attention.
+Projections, RoPE and temperature tuning stay transformers' own code.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llama4_fast import ops
+
+logger = logging.getLogger("llama4_fast")
+ATTN_IMPLEMENTATION = "llama4_fast"
+SUPPORTED_TRANSFORMERS = "4.57.x and 5.x"
+
+
+# -- version gate -------------------------------------------------------------------------------
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("llama4_fast.patch needs transformers (pip install 'llama4-fast[hf]')") from e
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    if not (major == 5 or (major, minor) == (4, 57)):
+        raise RuntimeError(f"llama4_fast.patch supports transformers {SUPPORTED_TRANSFORMERS}; "
+                           f"found {transformers.__version__}")
+    return transformers
+
+
+def _llama4_classes():
+    _transformers()
+    from transformers.models.llama4 import modeling_llama4 as m
+
+    return m
+
+
+# -- replacement forwards -----------------------------------------------------------------------
+def _router_forward(self, hidden_states):
+    logits = F.linear(hidden_states, self.weight, self.bias)
+    return ops.route(logits, self.top_k, "sigmoid"), logits
+
+
+def _moe_forward(self, hidden_states):
+    x = hidden_states.reshape(-1, self.hidden_dim)
+    (weights, ids), router_logits = self.router(x)
+    routed = ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+    out = self.shared_expert(x)
+    out.add_(routed)
+    return out, router_logits
+
+
+def _rms_norm_forward(self, x):
+    return ops.rms_norm(x, self.weight, self.eps)
+
+
+def _l2_norm_forward(self, x):
+    return ops.rms_norm(x, None, self.eps)
+
+
+def _forwards(m) -> dict[type, types.FunctionType]:
+    return {m.Llama4TextMoe: _moe_forward, m.Llama4Router: _router_forward,
+            m.Llama4TextRMSNorm: _rms_norm_forward, m.Llama4TextL2Norm: _l2_norm_forward}
+
+
+# -- attention and its mask ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class MaskLayout:
+    """What the "llama4_fast" mask interface returns instead of a dense mask.
+
+    kv_start: position of key 0 (int, or [B] tensor when sequences are left-padded; the
+    padding then sits at negative positions). chunk_size: None on global layers.
+    """
+
+    kv_start: int | torch.Tensor
+    chunk_size: int | None
+
+
+_warned: set[str] = set()
+
+
+def _fallback(reason: str, **mask_kwargs):
+    if reason not in _warned:
+        _warned.add(reason)
+        logger.warning("llama4_fast: %s; this attention mask falls back to a dense mask with SDPA", reason)
+    from transformers.masking_utils import sdpa_mask
+
+    mask_kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(**mask_kwargs)
+
+
+def _is_plain_pattern(mask_function, chunked: bool) -> bool:
+    """True when transformers asked for exactly causal (or chunked-causal) masking, with no
+    overlay (images, packed sequences, custom and/or functions) that a layout cannot carry."""
+    from transformers import masking_utils as mu
+
+    if not chunked:
+        return mask_function is mu.causal_mask_function
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return False
+    cells = [c.cell_contents for c in (mask_function.__closure__ or ())]
+    parts = next((c for c in cells if isinstance(c, tuple)), ())
+    return (len(parts) == 2 and getattr(parts[0], "__qualname__", "") == "chunked_overlay.<locals>.inner_mask"
+            and parts[1] is mu.causal_mask_function)
+
+
+def llama4_fast_mask(batch_size, kv_length, kv_offset=0, mask_function=None, attention_mask=None,
+                     local_size=None, q_length=None, q_offset=None, cache_position=None, **kwargs):
+    """Mask interface for "llama4_fast" (transformers 4.57 passes cache_position; 5.x passes
+    q_length and q_offset). Returns a MaskLayout, or a dense bool mask for other patterns."""
+    dense_kwargs = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+                        attention_mask=attention_mask, local_size=local_size, **kwargs)
+    if cache_position is not None:  # transformers 4.57
+        dense_kwargs["cache_position"] = cache_position
+        q_length = cache_position.shape[0]
+        q_offset = int(cache_position[0])
+    else:
+        dense_kwargs.update(q_length=q_length, q_offset=q_offset)
+        if isinstance(q_offset, torch.Tensor):
+            q_offset = int(q_offset)
+    if kwargs.get("use_vmap") or not _is_plain_pattern(mask_function, chunked=local_size is not None):
+        return _fallback("the mask has a custom pattern (overlay or packed sequences)", **dense_kwargs)
+    if q_offset + q_length != kv_offset + kv_length:
+        return _fallback("the queries are not the last keys (a static cache)", **dense_kwargs)
+    kv_start: int | torch.Tensor = kv_offset
+    if attention_mask is not None:
+        pad = attention_mask.to(torch.bool)
+        left = (~pad).int().cumprod(dim=-1).sum(dim=-1)  # leading padding tokens per sequence
+        positions = torch.arange(pad.shape[-1], device=pad.device)
+        if not bool((pad == (positions[None] >= left[:, None])).all()):
+            return _fallback("the padding mask is not pure left padding", **dense_kwargs)
+        if bool(left.any()):
+            kv_start = kv_offset - left.to(torch.int32)
+    return MaskLayout(kv_start=kv_start, chunk_size=local_size)
+
+
+def llama4_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention interface for "llama4_fast": q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D] ->
+    ([B, Sq, Hq, D], None), as transformers' attention functions return."""
+    if not isinstance(attention_mask, MaskLayout):  # a dense fallback mask, or a user's 4D mask
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if dropout and module.training:
+        raise NotImplementedError("llama4_fast attention is inference-only (attention dropout > 0 in training)")
+    out = ops.attention(query, key, value, chunk_size=attention_mask.chunk_size, scale=scaling,
+                        kv_start=attention_mask.kv_start)
+    return out.transpose(1, 2), None
+
+
+def _register_attention():
+    _transformers()
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, llama4_fast_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, llama4_fast_mask)
+
+
+# -- per-instance patching ----------------------------------------------------------------------
+_PATCH_STATE = "_llama4_fast_patch"  # attribute on the patched top-level model
+
+
+def _set_forward(module, fn):
+    """Replace one module instance's forward; returns how to undo it. Modules wrapped by
+    accelerate hooks (device_map) keep their hook: the wrapped `_old_forward` is replaced."""
+    attr = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+    had_own = attr in module.__dict__
+    previous = module.__dict__.get(attr)
+    setattr(module, attr, types.MethodType(fn, module))
+    return module, attr, had_own, previous
+
+
+def _text_configs(model):
+    cfg = model.config
+    return [cfg.text_config] if hasattr(cfg, "text_config") else [cfg]
+
+
+def patch(model):
+    """Patch a loaded Llama4ForCausalLM, Llama4TextModel or Llama4ForConditionalGeneration in
+    place and return it. Patching twice is a no-op; `unpatch` restores it exactly."""
+    m = _llama4_classes()
+    if not isinstance(model, (m.Llama4ForCausalLM, m.Llama4TextModel, m.Llama4ForConditionalGeneration)):
+        raise TypeError(f"model must be a transformers Llama4ForCausalLM, Llama4TextModel or "
+                        f"Llama4ForConditionalGeneration, got {type(model).__name__}")
+    if hasattr(model, _PATCH_STATE):
+        return model
+    _register_attention()
+    forwards = _forwards(m)
+    undo = []
+    for module in model.modules():
+        fn = forwards.get(type(module))
+        if fn is not None:
+            undo.append(_set_forward(module, fn))
+    configs = [(cfg, cfg._attn_implementation) for cfg in _text_configs(model)]
+    for cfg, _ in configs:
+        cfg._attn_implementation = ATTN_IMPLEMENTATION
+    setattr(model, _PATCH_STATE, (undo, configs))
+    return model
+
+
+def unpatch(model):
+    """Undo `patch(model)`; a model that was not patched is returned unchanged."""
+    state = model.__dict__.pop(_PATCH_STATE, None)
+    if state is None:
+        return model
+    undo, configs = state
+    for module, attr, had_own, previous in undo:
+        if had_own:
+            setattr(module, attr, previous)
+        else:
+            delattr(module, attr)
+    for cfg, implementation in configs:
+        cfg._attn_implementation = implementation
+    return model
+
+
+def is_patched(model) -> bool:
+    return hasattr(model, _PATCH_STATE)
+
+
+# -- class-level patching -----------------------------------------------------------------------
+_CLASS_STATE: dict = {}
+
+
+def patch_llama4():
+    """Patch the transformers Llama 4 classes so models built afterwards use llama4_fast:
+    module forwards are replaced on the classes, and every Llama4TextModel built selects the
+    "llama4_fast" attention. `unpatch_llama4()` restores the classes."""
+    m = _llama4_classes()
+    if _CLASS_STATE:
+        return
+    _register_attention()
+    for cls, fn in _forwards(m).items():
+        _CLASS_STATE[cls] = cls.forward
+        cls.forward = fn
+    original_init = m.Llama4TextModel.__init__
+
+    def init(self, config, *args, **kwargs):
+        original_init(self, config, *args, **kwargs)
+        self.config._attn_implementation = ATTN_IMPLEMENTATION
+
+    _CLASS_STATE["init"] = original_init
+    m.Llama4TextModel.__init__ = init
+
+
+def unpatch_llama4():
+    m = _llama4_classes()
+    if not _CLASS_STATE:
+        return
+    m.Llama4TextModel.__init__ = _CLASS_STATE.pop("init")
+    for cls, fn in _CLASS_STATE.items():
+        cls.forward = fn
+    _CLASS_STATE.clear()

@@ -1,0 +1,81 @@
+"""The hot operations of Llama 4, dispatched through the registry.
+
+Model code, the transformers patch and research code call these; `llama4_fast.registry` picks
+the backend (see its docstring). Each op validates its arguments once here, so every backend
+receives well-formed input and bad input fails with an error naming the argument.
+Signatures match the kernels in `llama4_fast.kernels`, so a backend is a drop-in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llama4_fast import registry
+from llama4_fast.kernels import checks
+
+
+def route(router_logits: torch.Tensor, top_k: int, scoring: str = "sigmoid", renormalize: bool = False):
+    """Top-k expert selection.
+
+    router_logits: [T, E] float (model dtype). Returns `(topk_weights [T, k] float32,
+    topk_ids [T, k] int32)`, ids in descending logit order. `scoring="sigmoid"` (Llama 4):
+    weight = sigmoid(selected logit) computed in fp32. `scoring="softmax"`: softmax over all E
+    logits, then top-k; `renormalize=True` rescales the k weights to sum to 1.
+    """
+    checks.route_args(router_logits, top_k, scoring, renormalize)
+    return registry.call("route", router_logits, top_k, scoring, renormalize)
+
+
+def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              apply_router_weight_on_input: bool = True) -> torch.Tensor:
+    """Routed SwiGLU experts, running only the selected ones.
+
+    hidden_states [T, H]; gate_up_proj [E, H, 2I] (gate columns first, then up, transformers'
+    layout); down_proj [E, I, H]; topk_weights [T, k] float; topk_ids [T, k] int32/int64.
+    Returns [T, H] in hidden_states' dtype: sum over the k choices of
+    `down(silu(x_e @ gate) * (x_e @ up))` where `x_e = x * w` when apply_router_weight_on_input
+    (Llama 4), else the expert output is multiplied by `w`. The shared expert is not included.
+    """
+    checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
+    return registry.call("fused_moe", hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
+                         apply_router_weight_on_input=apply_router_weight_on_input)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,
+              scale: float | None = None, kv_start: int | torch.Tensor = 0) -> torch.Tensor:
+    """Causal (optionally chunked) attention with grouped KV heads.
+
+    q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D] with Hq a multiple of Hkv (query head h reads KV
+    head h // (Hq // Hkv); K/V are never repeated). Returns [B, Hq, Sq, D] in q's dtype.
+
+    Positions: key j of sequence b sits at position `kv_start + j` (`kv_start` an int, or an
+    int tensor [B] for sequences that start at different places, e.g. left padding); the
+    queries are the last Sq of the Skv positions. Keys at negative positions are padding and
+    never attended. A query at position p attends keys at positions s with 0 <= s <= p, and,
+    when chunk_size=C is set, s // C == p // C (Llama 4's chunked layers). A query that sees no
+    key (a padding row) returns zeros. scale defaults to D ** -0.5.
+    """
+    checks.attention_args(q, k, v, chunk_size, scale, kv_start)
+    return registry.call("attention", q, k, v, chunk_size=chunk_size, scale=scale, kv_start=kv_start)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension, computed in fp32 and cast back to x's dtype, then times
+    `weight` [x.shape[-1]] (as transformers: the product takes the promoted dtype). With
+    weight=None it is Llama 4's weight-free L2 qk-norm."""
+    checks.rms_norm_args(x, weight, eps)
+    return registry.call("rms_norm", x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama 4's interleaved-pair rotary embedding, in fp32, cast back to x's dtype.
+
+    x [B, S, H, D] (pairs are (x[..., 2i], x[..., 2i+1])); cos, sin [B or 1, S, D/2] float32.
+    """
+    checks.tensor("x", x, ndim=4, dtypes=checks.FLOAT_DTYPES)
+    for name, t in (("cos", cos), ("sin", sin)):
+        checks.tensor(name, t, ndim=3, dtypes=(torch.float32,))
+        if t.shape[1] != x.shape[1] or t.shape[2] * 2 != x.shape[3] or t.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"{name} must be [B or 1, S={x.shape[1]}, D/2={x.shape[3] // 2}], got {tuple(t.shape)}")
+    return registry.call("rope", x, cos, sin)
