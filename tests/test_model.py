@@ -1,0 +1,145 @@
+"""The thin Llama4 model: loading, equality with transformers, the static KV cache, generate."""
+
+import json
+
+import pytest
+import torch
+
+from llama4_fast import Llama4, Llama4Config, registry
+from llama4_fast.config import rope_inv_freq
+from llama4_fast.tiny import TINY_TEXT_CONFIG, tiny_hf_model
+
+pytest.importorskip("transformers")
+
+SMALL = dict(hidden_size=128, intermediate_size=192, intermediate_size_mlp=256, attention_chunk_size=16)
+
+
+@pytest.fixture(autouse=True)
+def reference_backend_on_cpu():
+    if torch.cuda.is_available():
+        yield
+    else:
+        with registry.use("torch"):
+            yield
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_hf_model(seed=11, **SMALL, interleave_moe_layer_step=2)  # MoE and dense FFN layers
+
+
+def _close(a, b):
+    scale = b.abs().max().item()
+    assert (a - b).abs().max().item() <= 1e-4 * max(scale, 1.0)
+
+
+@torch.no_grad()
+def test_from_hf_shares_weights_and_matches(hf):
+    model = Llama4.from_hf(hf)
+    assert model.layers[0].self_attn.q_proj.weight.data_ptr() == hf.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert model.layers[1].feed_forward.experts.gate_up_proj.data_ptr() == \
+        hf.model.layers[1].feed_forward.experts.gate_up_proj.data_ptr()
+    ids = torch.randint(3, 1024, (2, 37))
+    _close(model(ids), hf(ids).logits)
+
+
+@pytest.mark.parametrize("shard", [None, "1MB"])
+@torch.no_grad()
+def test_from_pretrained_safetensors(tmp_path, hf, shard):
+    kwargs = {} if shard is None else {"max_shard_size": shard}
+    hf.save_pretrained(tmp_path, safe_serialization=True, **kwargs)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (shard is not None)
+    model = Llama4.from_pretrained(tmp_path)
+    assert model.config.moe_layers == [1, 3]
+    ids = torch.randint(3, 1024, (1, 40))
+    _close(model(ids), hf(ids).logits)
+
+
+@torch.no_grad()
+def test_from_pretrained_multimodal_checkpoint(tmp_path):
+    from transformers import Llama4Config as HFConfig
+    from transformers import Llama4ForConditionalGeneration
+
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  vision_output_dim=32, projector_input_dim=32, projector_output_dim=32, image_size=28, patch_size=14)
+    config = HFConfig(text_config=dict(TINY_TEXT_CONFIG, **SMALL), vision_config=vision)
+    torch.manual_seed(12)
+    mm = Llama4ForConditionalGeneration(config).eval()
+    mm.save_pretrained(tmp_path, safe_serialization=True)
+    model = Llama4.from_pretrained(tmp_path, dtype=torch.float32)
+    ids = torch.randint(3, 1024, (1, 21))
+    _close(model(ids), mm.language_model(input_ids=ids).logits)
+
+
+def test_from_pretrained_errors(tmp_path, hf):
+    with pytest.raises(FileNotFoundError):
+        Llama4.from_pretrained(tmp_path / "missing")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 5
+    cfg.pop("no_rope_layers", None)
+    cfg.pop("layer_types", None)
+    cfg.pop("moe_layers", None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="missing.*layers.4"):
+        Llama4.from_pretrained(tmp_path)
+
+
+def test_config_from_multimodal_dict_and_rope_scaling(hf):
+    cfg = Llama4Config.from_hf({"model_type": "llama4", "text_config": hf.config.to_dict()})
+    assert cfg.num_local_experts == 16 and cfg.attention_chunk_size == 16
+    assert [cfg.is_chunked(i) for i in range(4)] == [True, True, True, False]
+    torch.testing.assert_close(rope_inv_freq(cfg), hf.model.rotary_emb.inv_freq, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_cached_decode_equals_full_forward(hf):
+    model = Llama4.from_hf(hf)
+    ids = torch.randint(3, 1024, (2, 45))
+    full = model(ids)
+    model.setup_caches(2, 64)
+    # prefill 10 (inside chunk 0), then 11 (crosses into chunk 1), then one token at a time
+    steps = [model(ids[:, :10], 0), model(ids[:, 10:21], 10)]
+    steps += [model(ids[:, p:p + 1], p) for p in range(21, 45)]
+    _close(torch.cat(steps, dim=1), full)
+    chunked = model.layers[0].self_attn.kv_cache
+    assert chunked.k.shape[2] == 16  # a chunked layer keeps one chunk
+    assert model.layers[3].self_attn.kv_cache.k.shape[2] == 64
+
+
+@torch.no_grad()
+def test_generate_greedy_matches_transformers(hf):
+    model = Llama4.from_hf(hf)
+    ids = torch.randint(3, 1024, (2, 20))
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert torch.equal(model.generate(ids, 40), ref)
+    assert torch.equal(model.generate(ids[0], 5), ref[0, :25])  # 1-D prompt
+
+
+@torch.no_grad()
+def test_generate_sampling_is_seeded_and_stops_at_eos(hf):
+    model = Llama4.from_hf(hf)
+    ids = torch.randint(3, 1024, (3, 8))
+    a = model.generate(ids, 12, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))
+    b = model.generate(ids, 12, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (3, 20)
+    greedy = model.generate(ids, 12)
+    eos = int(greedy[0, 8])  # make sequence 0's first greedy token the eos
+    stopped = model.generate(ids, 12, eos_token_id=eos)
+    assert torch.all(stopped[0, 8:] == eos)
+    top1 = model.generate(ids, 6, temperature=1.0, top_k=1)  # top-1 sampling is greedy
+    assert torch.equal(top1, greedy[:, :14])
+
+
+def test_model_errors(hf):
+    model = Llama4.from_hf(hf)
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        model(torch.randint(3, 1024, (1, 4)), 5)
+    with pytest.raises(ValueError, match=r"tokens must be \[B, S\]"):
+        model(torch.randint(3, 1024, (4,)))
+    model.setup_caches(1, 8)
+    with pytest.raises(ValueError, match="exceed the caches"):
+        model(torch.randint(3, 1024, (1, 9)), 0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(torch.randint(3, 1024, (1, 4)), 0)
+    model.clear_caches()
