@@ -8,8 +8,9 @@ import torch
 
 
 def route64(logits, top_k, scoring="sigmoid", renormalize=False):
-    """-> (weights [T,k] float64, ids [T,k] int64), ids in descending logit order."""
-    x = logits.double()
+    """-> (weights [T,k] float64, ids [T,k] int64), ids in descending logit order, ties to the
+    lower expert index."""
+    x = logits.detach().double().cpu()
     ids = torch.argsort(x, dim=-1, descending=True, stable=True)[:, :top_k]
     if scoring == "sigmoid":
         w = torch.sigmoid(torch.gather(x, 1, ids))
@@ -21,13 +22,17 @@ def route64(logits, top_k, scoring="sigmoid", renormalize=False):
 
 
 def moe64(x, gate_up, down, weights, ids, on_input=True):
-    """sum_j expert_{ids[t,j]}(x_t * w) (or w * expert(x_t)) per token, in float64."""
-    x, gate_up, down, weights = x.double(), gate_up.double(), down.double(), weights.double()
+    """sum_j expert_{ids[t,j]}(x_t * w) (or w * expert(x_t)) per token, in float64; ids
+    outside [0, E) contribute nothing (as the CUDA kernel skips them)."""
+    x, gate_up, down, weights = (t.detach().double().cpu() for t in (x, gate_up, down, weights))
+    ids = ids.cpu()
     inter = down.shape[1]
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e, w = int(ids[t, j]), weights[t, j]
+            if not 0 <= e < gate_up.shape[0]:
+                continue
             xi = x[t] * w if on_input else x[t]
             gu = xi @ gate_up[e]
             y = (torch.nn.functional.silu(gu[:inter]) * gu[inter:]) @ down[e]

@@ -1,0 +1,407 @@
+"""Headline benchmark: Llama 4's routed-expert MoE layer (top-1, bf16, H=5120), ours vs baselines.
+
+For Scout (E=16), Maverick (E=128) and their TP8 shards (I=1024), over batch sizes T, side by
+side in one run, each starting from the router logits:
+  ours        llama4_fast.kernels.route + fused_moe (also replayed from a CUDA graph, T <= 64)
+  dense       transformers' Llama4TextExperts: every expert on every token (bmm), scores from
+              the same top-k/sigmoid router
+  loop        per active expert: index-select its tokens, two matmuls, index_add back
+  grouped_mm  torch._grouped_mm over expert-sorted tokens (sm90+, where torch has it)
+plus the routing overhead alone (route + dispatch metadata) and a row set with the shared
+expert (ours + a plain SwiGLU MLP). The roofline counts the bytes of the experts the routing
+actually touched (distinct experts x expert size) plus activations in/out, and the FLOPs
+2 * T * top_k * H * 3I; floor = max(bytes / copy bandwidth, FLOPs / matmul peak), both
+measured at the start of the run. Writes benchmarks/results/moe_dispatch-<gpu>-<time>.json,
+a PNG beside it and a markdown table per shape.
+
+    python benchmarks/moe_dispatch.py                      # the full run (~4 min on an H100)
+    python benchmarks/moe_dispatch.py --shapes maverick-tp8 --tokens 1 8 64
+    python benchmarks/moe_dispatch.py --quick              # toy sizes; runs on CPU (interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import device, markdown_table, measure_ceilings, roofline, rotating, time_us, write_results  # noqa: E402
+
+from llama4_fast.kernels import fused_moe, route  # noqa: E402
+from llama4_fast.kernels.moe import launch_config  # noqa: E402
+from llama4_fast.kernels.routing import dispatch_metadata  # noqa: E402
+
+SHAPES = {  # name: (E, H, I)
+    "scout": (16, 5120, 8192),
+    "maverick": (128, 5120, 8192),
+    "scout-tp8": (16, 5120, 1024),
+    "maverick-tp8": (128, 5120, 1024),
+}
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
+SHARED_TOKENS = [1, 8, 64, 512, 4096]
+QUICK_SHAPES = {"toy": (4, 64, 32)}
+QUICK_TOKENS = [1, 8, 33]
+TOP_K = 1
+GRAPH_MAX_T = 64  # decode sizes: also time ours replayed from a CUDA graph
+# CUDA-event timing per case (medians): short, so the full run fits its ~4 minute budget; the
+# estimate phase of do_bench already runs each case 5 times, with an L2 flush before each call.
+WARMUP_MS, REP_MS = 10, 50
+BASELINES = ("dense", "loop", "grouped_mm")
+SEED = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the implementations under comparison; each maps (x [T, H], router logits [T, E]) -> [T, H]
+# ----------------------------------------------------------------------------------------------
+
+def torch_router(logits, top_k):
+    """Llama 4's router in torch: top-k of the logits, sigmoid of the selected ones in fp32."""
+    top, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.sigmoid(top.float()), ids
+
+
+def ours(x, logits, w13, w2, out=None):
+    weights, ids = route(logits, TOP_K)
+    return fused_moe(x, w13, w2, weights, ids, out=out)
+
+
+def dense(x, logits, w13, w2):
+    """transformers' Llama4TextMoe + Llama4TextExperts: scores for all experts (0 where not
+    chosen), the input scaled per expert, every expert run on every token with bmm."""
+    top, ids = torch.topk(logits, TOP_K, dim=-1)
+    scores = torch.full_like(logits, float("-inf")).scatter_(1, ids, top)
+    scores = torch.sigmoid(scores.float()).to(x.dtype)  # [T, E]
+    routed_in = x.unsqueeze(0) * scores.t().unsqueeze(-1)  # [E, T, H]
+    gate, up = torch.bmm(routed_in, w13).chunk(2, dim=-1)
+    return torch.bmm(up * F.silu(gate), w2).sum(0)
+
+
+def loop(x, logits, w13, w2):
+    """Per active expert: gather its tokens, two matmuls, scatter-add (host sync on counts)."""
+    weights, ids = torch_router(logits, TOP_K)
+    inter = w2.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        rows = pairs // TOP_K
+        xe = (x[rows].float() * weights.reshape(-1)[pairs, None]).to(x.dtype)
+        gate_up = xe @ w13[e]
+        out.index_add_(0, rows, (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w2[e])
+    return out
+
+
+def grouped_mm(x, logits, w13, w2):
+    """torch._grouped_mm on a permuted copy of the tokens, sorted by expert (no host sync)."""
+    weights, ids = torch_router(logits, TOP_K)
+    E, inter = w13.shape[0], w2.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    rows = order // TOP_K
+    xs = (x[rows].float() * weights.reshape(-1)[order, None]).to(x.dtype)
+    gate_up = torch._grouped_mm(xs, w13, offs=offs)
+    y = torch._grouped_mm(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2, offs=offs)
+    return torch.zeros_like(x).index_add_(0, rows, y)
+
+
+def grouped_mm_available(dev: str, dtype) -> str | None:
+    """None if torch._grouped_mm can run here, else why not (sm90+ on CUDA; a probe call)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no _grouped_mm"
+    if dev == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        return "torch._grouped_mm needs sm90+"
+    try:
+        a = torch.randn(32, 64, device=dev, dtype=dtype)
+        b = torch.randn(2, 64, 32, device=dev, dtype=dtype)
+        torch._grouped_mm(a, b, offs=torch.tensor([16, 32], device=dev, dtype=torch.int32))
+    except Exception as e:  # noqa: BLE001 - any failure means "not available here"
+        return f"torch._grouped_mm failed: {type(e).__name__}: {e}"
+    return None
+
+
+def shared_mlp(x, wg_u, wd):
+    """A plain SwiGLU MLP (the shared expert): wg_u [H, 2I] (gate then up), wd [I, H]."""
+    gate, up = (x @ wg_u).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ wd
+
+
+# ----------------------------------------------------------------------------------------------
+# one case
+# ----------------------------------------------------------------------------------------------
+
+def _estimates_ms(name, T, E, H, I, touched, elem, ceilings):
+    """Rough time of a baseline, to skip the hopeless ones: dense runs every expert on every
+    token (E times the useful FLOPs, all weights, [E, T, *] temporaries); loop pays per
+    active expert a few launches on top of the useful work."""
+    bw, peak = ceilings["hbm_tbps"] * 1e12, ceilings["matmul_tflops"] * 1e12
+    useful = 2 * T * TOP_K * H * 3 * I
+    if name == "dense":  # temporaries written and read back
+        return max(E * useful / peak, (E * 3 * H * I * elem + 2 * _dense_temp_bytes(T, E, H, I, elem)) / bw) * 1e3
+    if name == "loop":
+        return (useful / peak + touched * 3 * H * I * elem / bw) * 1e3 + touched * 0.05
+    return 0.0
+
+
+def _dense_temp_bytes(T, E, H, I, elem):
+    """The dense baseline's [E, T, *] temporaries: scaled input, gate_up, SwiGLU, output."""
+    return E * T * (2 * H + 3 * I) * elem
+
+
+def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason):
+    """Time every implementation at one batch size; returns one result row."""
+    elem = dtype.itemsize
+    gen = torch.Generator(device=dev).manual_seed(SEED + T)
+
+    def make_set():
+        x = torch.randn(T, H, device=dev, dtype=dtype, generator=gen)
+        logits = torch.randn(T, E, device=dev, dtype=dtype, generator=gen)
+        return x, logits
+
+    expected_touched = E * (1 - (1 - 1 / E) ** (T * TOP_K))
+    nxt = rotating(make_set, int(expected_touched * 3 * H * I * elem + 2 * T * H * elem))
+    first = nxt()
+    sets = [first]
+    while (s := nxt()) is not first:
+        sets.append(s)
+    touched = sum(torch.topk(lg, TOP_K, dim=-1).indices.unique().numel() for _, lg in sets) / len(sets)
+    bytes_moved = touched * 3 * H * I * elem + T * (2 * H + E) * elem
+    flops = 2 * T * TOP_K * H * 3 * I
+    row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}}
+
+    def timed(name, fn):
+        try:
+            cyc = itertools.cycle(sets)
+            t = time_us(lambda: fn(*next(cyc)), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
+            row[f"{name}_us"] = t
+            return t
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the run
+            row["errors"][name] = f"{type(e).__name__}: {e}"
+            print(f"    {name} failed at T={T}: {row['errors'][name]}", flush=True)
+            if args.verbose:
+                traceback.print_exc()
+            return None
+
+    t_ours = timed("ours", lambda x, lg: ours(x, lg, w13, w2))
+    if t_ours is not None:
+        row.update({f"ours_{k}": v for k, v in roofline(t_ours, bytes_moved, flops, ceilings).items()})
+    row["roofline_us"] = roofline(1.0, bytes_moved, flops, ceilings)["roofline_us"]  # time-independent
+
+    # Routing overhead alone: what fused_moe adds before its GEMMs.
+    cfg = launch_config(sets[0][0], w13, w2, TOP_K)
+
+    def routing_only(x, lg):
+        _, ids = route(lg, TOP_K)
+        if not cfg.direct(T * TOP_K):
+            dispatch_metadata(ids, E, cfg.block_m)
+
+    timed("routing", routing_only)
+    row["block_m"], row["direct"] = cfg.block_m, cfg.direct(T * TOP_K)
+    row["split_k"] = [cfg.gate_up.split_k, cfg.down.split_k]
+
+    if dev == "cuda" and T <= GRAPH_MAX_T:
+        try:
+            graphs = []
+            for x, lg in sets:
+                out = torch.empty_like(x)
+                ours(x, lg, w13, w2, out)
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    ours(x, lg, w13, w2, out)
+                graphs.append(g)
+            replays = itertools.cycle(graphs)
+            t = timed("ours_graph", lambda *_: next(replays).replay())
+            if t is not None:
+                row["ours_graph_pct_roofline"] = roofline(t, bytes_moved, flops, ceilings)["pct_roofline"]
+            del graphs, replays
+        except Exception as e:  # noqa: BLE001
+            row["errors"]["ours_graph"] = f"{type(e).__name__}: {e}"
+            print(f"    ours_graph failed at T={T}: {row['errors']['ours_graph']}", flush=True)
+
+    impls = {"dense": dense, "loop": loop, "grouped_mm": grouped_mm}
+    for name in BASELINES:
+        if name == "grouped_mm" and gmm_reason:
+            row["errors"][name] = gmm_reason
+            continue
+        est = _estimates_ms(name, T, E, H, I, touched, elem, ceilings)
+        if est > args.max_baseline_ms:
+            row["errors"][name] = f"skipped: estimated {est:.0f} ms > --max-baseline-ms"
+            continue
+        free = torch.cuda.mem_get_info()[0] if dev == "cuda" else float("inf")
+        if name == "dense" and _dense_temp_bytes(T, E, H, I, elem) > 0.8 * free:
+            row["errors"][name] = "skipped: [E, T, *] temporaries do not fit in free memory"
+            continue
+        t = timed(name, lambda x, lg, f=impls[name]: f(x, lg, w13, w2))
+        if t is not None:
+            row[f"{name}_pct_roofline"] = roofline(t, bytes_moved, flops, ceilings)["pct_roofline"]
+            if t_ours is not None:
+                row[f"speedup_vs_{name}"] = t / t_ours
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def bench_shared(T, E, H, I, w13, w2, dtype, dev, ceilings):
+    """ours + the shared expert (a plain SwiGLU MLP of the same intermediate size)."""
+    elem = dtype.itemsize
+    gen = torch.Generator(device=dev).manual_seed(SEED + 7 * T)
+    wg_u = torch.randn(H, 2 * I, device=dev, dtype=dtype, generator=gen).mul_(0.02)
+    wd = torch.randn(I, H, device=dev, dtype=dtype, generator=gen).mul_(0.02)
+    x = torch.randn(T, H, device=dev, dtype=dtype, generator=gen)
+    logits = torch.randn(T, E, device=dev, dtype=dtype, generator=gen)
+    touched = torch.topk(logits, TOP_K, dim=-1).indices.unique().numel()
+    bytes_moved = (touched + 1) * 3 * H * I * elem + T * (2 * H + E) * elem
+    flops = 2 * T * (TOP_K + 1) * H * 3 * I
+    row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}}
+    try:
+        row["shared_only_us"] = time_us(lambda: shared_mlp(x, wg_u, wd), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
+        t = time_us(lambda: shared_mlp(x, wg_u, wd) + ours(x, logits, w13, w2), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
+        row["ours_shared_us"] = t
+        row.update({f"ours_shared_{k}": v for k, v in roofline(t, bytes_moved, flops, ceilings).items()})
+    except Exception as e:  # noqa: BLE001
+        row["errors"]["ours_shared"] = f"{type(e).__name__}: {e}"
+        print(f"    ours+shared failed at T={T}: {row['errors']['ours_shared']}", flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("T", "T", ""), ("experts_touched", "experts", ".1f"), ("block_m", "BM", ""),
+    ("roofline_us", "floor us", ".1f"), ("ours_us", "ours us", ".1f"), ("ours_graph_us", "graph us", ".1f"),
+    ("ours_tbps", "TB/s", ".2f"), ("ours_tflops", "TFLOP/s", ".1f"), ("ours_pct_roofline", "% roof", ".1f"),
+    ("ours_graph_pct_roofline", "graph % roof", ".1f"),
+    ("routing_us", "routing us", ".1f"), ("dense_us", "dense us", ".1f"), ("loop_us", "loop us", ".1f"),
+    ("grouped_mm_us", "grouped_mm us", ".1f"), ("speedup_vs_dense", "x dense", ".2f"),
+    ("speedup_vs_loop", "x loop", ".2f"), ("speedup_vs_grouped_mm", "x grouped_mm", ".2f"),
+]
+SHARED_COLUMNS = [
+    ("T", "T", ""), ("experts_touched", "experts", ""), ("shared_only_us", "shared MLP us", ".1f"),
+    ("ours_shared_us", "ours+shared us", ".1f"), ("ours_shared_roofline_us", "floor us", ".1f"),
+    ("ours_shared_tbps", "TB/s", ".2f"), ("ours_shared_tflops", "TFLOP/s", ".1f"),
+    ("ours_shared_pct_roofline", "% roof", ".1f"),
+]
+
+
+def plot(results: dict, path: Path) -> None:
+    """% of roofline and speed-up vs T, one row of panels per shape."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written")
+        return
+    shapes = [s for s in results["shapes"] if s["rows"]]
+    if not shapes:
+        return
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.4 * len(shapes)), squeeze=False)
+    for (ax_pct, ax_x), shape in zip(axes, shapes):
+        rows = shape["rows"]
+        for color, name in enumerate(("ours", "ours_graph") + BASELINES):  # one color per method
+            key = f"{name}_pct_roofline"
+            pts = [(r["T"], r[key]) for r in rows if key in r]
+            if pts:
+                ax_pct.plot(*zip(*pts), "-o" if name.startswith("ours") else "--", color=f"C{color}", label=name)
+            key = f"speedup_vs_{name}"
+            pts = [(r["T"], r[key]) for r in rows if key in r]
+            if pts:
+                ax_x.plot(*zip(*pts), "-o", color=f"C{color}", label=f"vs {name}")
+        ax_pct.set(xscale="log", ylabel="% of roofline", title=f"{shape['name']}: % of roofline")
+        ax_x.set(xscale="log", yscale="log", ylabel="speed-up of ours", title=f"{shape['name']}: speed-up")
+        ax_x.axhline(1.0, color="gray", lw=0.8)
+        for ax in (ax_pct, ax_x):
+            ax.set_xlabel("tokens T")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="toy sizes (CPU-runnable through the Triton interpreter)")
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES) + sorted(QUICK_SHAPES), help="shapes to run")
+    p.add_argument("--tokens", nargs="+", type=int, help="batch sizes T")
+    p.add_argument("--max-baseline-ms", type=float, default=100.0,
+                   help="skip a baseline case whose estimated time exceeds this (printed as '-')")
+    p.add_argument("--no-shared", action="store_true", help="skip the with-shared-expert row set")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
+    args = p.parse_args(argv)
+
+    dev = device()
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter has no bf16 dot
+    shape_table = {**SHAPES, **QUICK_SHAPES}
+    names = args.shapes or (list(QUICK_SHAPES) if args.quick else list(SHAPES))
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    ceilings = measure_ceilings(quick=args.quick)
+    print(f"device {dev}, {dtype}; ceilings: copy {ceilings['hbm_tbps']:.2f} TB/s, "
+          f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s ({ceilings['matmul_dtype']})", flush=True)
+    gmm_reason = grouped_mm_available(dev, dtype)
+    if gmm_reason:
+        print(f"grouped_mm baseline off: {gmm_reason}")
+
+    results = {"ceilings": ceilings, "top_k": TOP_K, "dtype": str(dtype), "quick": args.quick,
+               "max_baseline_ms": args.max_baseline_ms, "shapes": []}
+    path = None
+    for name in names:
+        E, H, I = shape_table[name]
+        print(f"\n## {name}: E={E}, H={H}, I={I}, top-{TOP_K}, {str(dtype).replace('torch.', '')}", flush=True)
+        gen = torch.Generator(device=dev).manual_seed(SEED)
+        w13 = torch.randn(E, H, 2 * I, device=dev, dtype=dtype, generator=gen).mul_(0.02)
+        w2 = torch.randn(E, I, H, device=dev, dtype=dtype, generator=gen).mul_(0.02)
+        shape = {"name": name, "E": E, "H": H, "I": I, "rows": [], "shared_rows": []}
+        results["shapes"].append(shape)
+        for T in tokens:
+            row = bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason)
+            shape["rows"].append(row)
+            print(f"  T={T}: ours {row.get('ours_us', float('nan')):.1f} us "
+                  f"({row.get('ours_pct_roofline', float('nan')):.0f}% of roofline)", flush=True)
+        if not args.no_shared:
+            for T in [t for t in tokens if t in SHARED_TOKENS] or tokens[:1]:
+                shape["shared_rows"].append(bench_shared(T, E, H, I, w13, w2, dtype, dev, ceilings))
+        print()
+        print(markdown_table(shape["rows"], COLUMNS))
+        if shape["shared_rows"]:
+            print(f"\nwith the shared expert ({name}):\n")
+            print(markdown_table(shape["shared_rows"], SHARED_COLUMNS))
+        del w13, w2
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        # Written after every shape (replacing the previous file), so a run cut short by a
+        # time limit still leaves its finished shapes.
+        new_path = write_results("moe_dispatch", results)
+        if path is not None and path != new_path:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".png").unlink(missing_ok=True)
+        path = new_path
+        plot(results, path.with_suffix(".png"))
+    print(f"\nresults: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""The Triton fused MoE (`llama4_fast.kernels.fused_moe`) against a float64 reference.
+
+The reference is tests/reference64.moe64: a dense float64 loop over tokens and their chosen
+experts, independent of the code under test. Outputs are NaN-poisoned `out=` buffers, so unwritten rows fail.
+On CPU the kernels run through the Triton interpreter: small H/I, fp16/fp32.
+"""
+
+import pytest
+import torch
+from helpers import TOL, assert_close, poisoned, rel_err
+from reference64 import moe64 as ref_moe
+
+from llama4_fast.kernels import fused_moe, moe
+from llama4_fast.kernels.moe import GemmConfig, MoeConfig
+
+
+def make_inputs(T, E, H, I, top_k, dtype, device):
+    """Activations, unit-scale experts, router weights in [0.5, 1.5) and distinct random
+    expert ids per token (int32)."""
+    x = torch.randn(T, H, device=device).to(dtype)
+    w13 = (torch.randn(E, H, 2 * I, device=device) * H ** -0.5).to(dtype)
+    w2 = (torch.randn(E, I, H, device=device) * I ** -0.5).to(dtype)
+    ids = torch.stack([torch.randperm(E, device=device)[:top_k] for _ in range(T)]) if T else \
+        torch.empty(0, top_k, dtype=torch.int64, device=device)
+    weights = torch.rand(T, top_k, device=device) + 0.5
+    return x, w13, w2, weights, ids.to(torch.int32)
+
+
+def run_and_check(x, w13, w2, weights, ids, on_input=True):
+    out = poisoned(x.shape, x.dtype, x.device)
+    res = fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=on_input, out=out)
+    assert res.data_ptr() == out.data_ptr() and res.dtype == x.dtype
+    assert_close(res, ref_moe(x, w13, w2, weights, ids, on_input))
+    return res
+
+
+# T in {0, 1, 7, 64, 300}, E in {1, 3, 16, 128}, top_k in {1, 2, 4}; H, I are not multiples of
+# any block size. T * top_k <= 16 takes the direct (decode) path, larger the sorted path
+# (single-launch metadata up to 256 pairs, three launches above).
+@pytest.mark.parametrize("T,E,top_k,H,I,dtype", [
+    (0, 16, 1, 40, 24, torch.float32),
+    (1, 1, 1, 40, 24, torch.float32),
+    (1, 128, 4, 72, 48, torch.float16),
+    (7, 3, 2, 72, 48, torch.float32),
+    (7, 16, 1, 40, 24, torch.float16),
+    (64, 16, 1, 72, 48, torch.float16),
+    (64, 128, 2, 40, 24, torch.float32),
+    (300, 3, 1, 40, 24, torch.float32),
+    (300, 128, 1, 40, 24, torch.float16),
+    (300, 16, 4, 40, 24, torch.float32),
+    (300, 128, 4, 72, 48, torch.float16),
+])
+@pytest.mark.parametrize("on_input", [True, False])
+def test_fused_moe_matches_float64(device, T, E, top_k, H, I, dtype, on_input):
+    x, w13, w2, weights, ids = make_inputs(T, E, H, I, top_k, dtype, device)
+    res = run_and_check(x, w13, w2, weights, ids, on_input)
+    assert res.shape == (T, H)
+
+
+@pytest.mark.parametrize("T", [12, 200])
+def test_all_tokens_on_one_expert_others_empty(device, T):
+    x, w13, w2, weights, _ = make_inputs(T, 16, 72, 48, 1, torch.float32, device)
+    ids = torch.full((T, 1), 9, dtype=torch.int32, device=device)
+    run_and_check(x, w13, w2, weights, ids)
+
+
+def test_some_experts_without_tokens_top2(device):
+    T, E = 90, 16
+    x, w13, w2, weights, _ = make_inputs(T, E, 40, 24, 2, torch.float16, device)
+    ids = torch.stack([torch.tensor([2, 7])[torch.randperm(2)] for _ in range(T)]).to(device)
+    run_and_check(x, w13, w2, weights, ids.int())
+
+
+def test_int64_ids_fp16_weights_and_strided_views(device):
+    """Activations, weights and out are read/written through their strides (no copies)."""
+    T, E, H, I = 20, 3, 40, 24
+    x, w13, w2, weights, ids = make_inputs(T, E, H, I, 2, torch.float32, device)
+    x_view = torch.randn(H, T, device=device).t()  # transposed activations
+    x_view.copy_(x)
+    w13_view = torch.randn(E, 2 * I, H, device=device).transpose(1, 2)  # K-contiguous weights
+    w13_view.copy_(w13)
+    big = poisoned((T, 2 * H), x.dtype, device)
+    out_view = big[:, ::2]  # every other column
+    fused_moe(x_view, w13_view, w2, weights.half(), ids.long(), out=out_view)
+    assert_close(out_view, ref_moe(x, w13, w2, weights.half(), ids))
+    assert torch.isnan(big[:, 1::2]).all()  # nothing outside `out` was written
+
+
+def test_without_out_allocates_and_is_deterministic(device):
+    x, w13, w2, weights, ids = make_inputs(64, 16, 40, 24, 2, torch.float32, device)
+    a = fused_moe(x, w13, w2, weights, ids)
+    b = fused_moe(x, w13, w2, weights, ids)
+    assert a.shape == x.shape and a.is_contiguous()
+    assert torch.equal(a, b)  # fixed summation order: bitwise reproducible
+    assert_close(a, ref_moe(x, w13, w2, weights, ids))
+
+
+def test_empty_batch_returns_empty(device):
+    x, w13, w2, weights, ids = make_inputs(0, 4, 40, 24, 2, torch.float16, device)
+    res = fused_moe(x, w13, w2, weights, ids)
+    assert res.shape == (0, 40) and res.dtype == torch.float16
+
+
+# -- explicit configs: split K on either GEMM, both paths, and skipped (out-of-range) ids ------
+
+def _cfg(block_m, split_gate_up, split_down, block_k=16):
+    return MoeConfig(block_m, GemmConfig(16, block_k, 2, 4, 2, split_gate_up),
+                     GemmConfig(32, block_k, 2, 4, 2, split_down))
+
+
+@pytest.mark.parametrize("T,top_k,block_m,splits", [
+    (1, 1, 16, (3, 2)),    # direct path, both GEMMs split (TP8 decode)
+    (5, 2, 16, (1, 4)),    # direct, top-2, down split (partials summed over splits and slots)
+    (40, 1, 16, (2, 1)),   # sorted path, gate_up split
+    (40, 2, 32, (4, 3)),   # sorted, top-2, both split; a split may get no K tiles (4 x 16 > 40)
+])
+def test_split_k_paths(device, T, top_k, block_m, splits):
+    x, w13, w2, weights, ids = make_inputs(T, 8, 40, 24, top_k, torch.float32, device)
+    for on_input in (True, False):
+        out = poisoned(x.shape, x.dtype, device)
+        moe._launch(x, w13, w2, weights, ids, on_input, out, _cfg(block_m, *splits))
+        assert_close(out, ref_moe(x, w13, w2, weights, ids, on_input))
+
+
+@pytest.mark.parametrize("T,block_m", [(6, 16), (50, 16)])
+def test_out_of_range_ids_are_skipped_by_the_kernel(device, T, block_m):
+    """What CUDA does with bad ids (on CPU the launcher's check raises first): the pairs
+    contribute nothing and every row is still written."""
+    E = 5
+    x, w13, w2, weights, ids = make_inputs(T, E, 40, 24, 2, torch.float32, device)
+    ids[0, 0], ids[1, 1], ids[2] = -1, E, torch.tensor([E + 3, -7])  # token 2 has no valid expert
+    out = poisoned(x.shape, x.dtype, device)
+    moe._launch(x, w13, w2, weights, ids, True, out, _cfg(block_m, 1, 1))
+    ref = ref_moe(x, w13, w2, weights, ids)
+    assert_close(out, ref)
+    assert out[2].abs().max().item() == 0.0
+    ids1 = ids[:, :1].contiguous()  # top-1: the down GEMM writes out[token] directly
+    out = poisoned(x.shape, x.dtype, device)
+    moe._launch(x, w13, w2, weights[:, :1], ids1, True, out, _cfg(block_m, 2, 1))
+    assert_close(out, ref_moe(x, w13, w2, weights[:, :1], ids1))
+
+
+# -- launch configs --------------------------------------------------------------------------
+
+def test_config_table_and_selection():
+    table = moe.config_table()
+    shapes = {(16, 5120, 8192), (128, 5120, 8192), (16, 5120, 1024), (128, 5120, 1024)}
+    assert shapes <= set(table)
+    for shape in shapes:
+        bounds = [b for b, _ in table[shape]]
+        assert bounds == sorted(bounds) and bounds[-1] == float("inf")
+
+    def pick(T, E, I, sms=132, dtype=torch.bfloat16, use_table=True):
+        return moe.select_config(T, 1, E, 5120, I, dtype, num_sms=sms, use_table=use_table)
+
+    # Rows per block follow tokens per expert, not the batch: 16 while few, 128 at prefill.
+    assert pick(1, 128, 8192).block_m == pick(1024, 128, 8192).block_m == 16
+    assert pick(16384, 128, 8192).block_m == pick(2048, 16, 8192).block_m == 128
+    # TP8 decode: gate_up has 1024 / 64 = 16 column tiles, so K is split to reach the SMs;
+    # never at prefill, and never with one worker (the interpreter).
+    assert pick(1, 128, 1024).gate_up.split_k > 1
+    assert pick(8192, 128, 1024).gate_up.split_k == pick(8192, 128, 1024).down.split_k == 1
+    assert pick(1, 128, 1024, sms=1).gate_up.split_k == 1
+    # Outside the table (or fp32) the heuristic gives valid tiles for any size.
+    small, big = pick(1, 3, 24, dtype=torch.float32), pick(5000, 8, 1408, use_table=False)
+    for cfg in (small, big):
+        for g in (cfg.gate_up, cfg.down):
+            assert g.block_n >= 16 and g.block_k >= 16 and g.block_n & (g.block_n - 1) == 0
+    assert small.gate_up.split_k > 1 and big.gate_up.split_k == big.down.split_k == 1
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+def test_rejects_bad_input():
+    x, w13, w2, weights, ids = make_inputs(4, 3, 40, 24, 1, torch.float32, "cpu")
+    cases = [
+        ((x, w13, w2, weights, torch.zeros(4, 4, dtype=torch.int32)), {}, ValueError),  # top_k > E
+        ((x, w13, w2, weights, ids + 3), {}, ValueError),  # ids out of range (checked on CPU)
+        ((x, w13.half(), w2, weights, ids), {}, TypeError),  # weights/activations dtypes differ
+        ((x.half(), w13.half(), w2.half(), weights, ids.float()), {}, TypeError),  # float ids
+        ((x, w13[:, :-1], w2, weights, ids), {}, ValueError),  # H mismatch
+        ((x, w13, w2[:, :-1], weights, ids), {}, ValueError),  # I mismatch
+        ((x, w13, w2, weights[:3], ids[:3]), {}, ValueError),  # T mismatch
+        ((x, w13, w2, weights, ids), dict(out=torch.empty(4, 41)), ValueError),
+        ((x, w13, w2, weights, ids), dict(out=torch.empty(4, 40, dtype=torch.float16)), TypeError),
+        ((x, w13, w2, weights, ids), dict(out=torch.empty(4, 40, device="meta")), ValueError),
+        ((x, w13, w2, weights, ids), dict(out=x.numpy()), TypeError),
+    ]
+    for args, kwargs, exc in cases:
+        with pytest.raises(exc):
+            fused_moe(*args, **kwargs)
+
+
+# -- GPU: bf16 at the real shapes, CUDA-graph capture ------------------------------------------
+
+def _fp32_reference(x, w13, w2, weights, ids):
+    """torch_ref.fused_moe in fp32 for top-1 routing, one expert upcast at a time (Maverick's
+    bf16 experts are 32 GB; an fp32 copy of all of them would not fit)."""
+    from llama4_fast.backends import torch_ref
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        rows = ids[:, 0] == e
+        out[rows] = torch_ref.fused_moe(x[rows].float(), w13[e:e + 1].float(), w2[e:e + 1].float(),
+                                        weights[rows], torch.zeros_like(ids[rows]))
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,I", [(16, 8192), (128, 8192), (16, 1024), (128, 1024)])
+def test_bf16_real_shapes_gpu(E, I):
+    from llama4_fast.kernels import route
+    H = 5120
+    w13 = torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16).mul_(0.02)  # in place:
+    w2 = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16).mul_(0.02)  # Maverick is 32 GB
+    for T in (1, 8, 256):
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        weights, ids = route(torch.randn(T, E, device="cuda", dtype=torch.bfloat16), 1)
+        out = poisoned((T, H), torch.bfloat16, "cuda")
+        fused_moe(x, w13, w2, weights, ids, out=out)
+        err = rel_err(out, _fp32_reference(x, w13, w2, weights, ids))
+        assert err < TOL[torch.bfloat16], f"T={T}: relative error {err:.3g}"
+    del w13, w2
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,top_k", [(1, 1), (8, 1), (64, 2)])
+def test_decode_step_captures_in_cuda_graph(T, top_k):
+    """route + fused_moe launch without host synchronisation, so a CUDA graph can hold them."""
+    from llama4_fast.kernels import route
+    E, H, I = 16, 512, 1024
+    x, w13, w2, _, _ = make_inputs(T, E, H, I, top_k, torch.bfloat16, "cuda")
+    logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+
+    def step():
+        weights, ids = route(logits, top_k)
+        fused_moe(x, w13, w2, weights, ids, out=out)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    eager = out.clone()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    logits.copy_(torch.randn_like(logits))  # new routing, same graph
+    graph.replay()
+    weights, ids = route(logits, top_k)
+    assert_close(out, ref_moe(x, w13, w2, weights, ids))
+
+
+@pytest.mark.gpu
+def test_out_of_range_ids_skipped_on_gpu():
+    x, w13, w2, weights, ids = make_inputs(32, 8, 256, 128, 2, torch.bfloat16, "cuda")
+    ids[0, 1], ids[3, 0] = -1, 8
+    out = poisoned(x.shape, x.dtype, "cuda")
+    fused_moe(x, w13, w2, weights, ids, out=out)
+    assert_close(out, ref_moe(x, w13, w2, weights, ids))
