@@ -76,7 +76,8 @@ def moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids):
                          f"must both be [T={T}, top_k]")
     if topk_ids.shape[1] > E:
         raise ValueError(f"top_k={topk_ids.shape[1]} exceeds the number of experts E={E}")
-    if topk_ids.device.type == "cpu" and topk_ids.numel():
+    # Data-dependent, so skipped while torch.compile traces (and on CUDA: no host sync).
+    if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= E:
             raise ValueError(f"topk_ids must lie in [0, {E}), got values in [{lo}, {hi}]")

@@ -1,0 +1,347 @@
+"""Chunked flash attention (llama4_fast.kernels.chunked_attention) against torch baselines, at
+Llama 4 head shapes (40 query heads, 8 KV heads, head dim 128, bf16, batch 1 prefill).
+
+    python benchmarks/attention.py            # H100: prefill 8k/32k/128k, decode 8k..1M (~2.5 min)
+    python benchmarks/attention.py --quick    # CPU (Triton interpreter) or GPU: toy sizes
+
+Prefill, per sequence length, for a chunked layer (C = 8192, Llama 4's RoPE layers) and a
+global causal layer (the NoPE layers):
+  ours   the Triton kernel;
+  sdpa   torch scaled_dot_product_attention: is_causal with enable_gqa for the global layer
+         (flash / cuDNN / efficient backends only); for the chunked layer a dense boolean
+         S x S mask with K/V repeated to 40 heads (the efficient backend), skipped past 32k;
+  flex   torch flex_attention, compiled once, with the block mask transformers builds
+         (create_block_mask of the causal / chunked-causal mask_mod).
+TFLOP/s counts the visible work only: 4 * D * (visible (q, k) pairs) per head. % peak is
+against the bf16 matmul rate measured in the same run (common.measure_ceilings).
+
+Decode (one new token per sequence over a cache of 8k..1M keys, batch 1 and 16): TB/s over the
+bytes that must move (K and V of the visible keys, q and out), % of the measured HBM copy
+bandwidth. Baseline: sdpa over the whole cache (global) or the current chunk's slice (chunked).
+
+Every case is wrapped: a baseline that fails prints an error row and the run goes on; cases
+that would not fit memory or the time budget (--budget-s) print '-'. Each baseline's output is
+checked against ours (relative error, in the JSON) so the comparison is like for like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # run the kernels through the interpreter, before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from llama4_fast.kernels import chunked_attention  # noqa: E402
+
+HQ, HKV, HEAD_DIM, CHUNK = 40, 8, 128, 8192
+FULL = dict(prefill=[8192, 32768, 131072], contexts=[8192, 32768, 131072, 1 << 20], batches=[1, 16],
+            heads=(HQ, HKV), head_dim=HEAD_DIM, chunk=CHUNK)
+# CPU quick run: the same code at toy sizes (the interpreter runs ~1e5x slower than a GPU).
+QUICK_CPU = dict(prefill=[96, 160], contexts=[160, 1024], batches=[1, 2], heads=(5, 1), head_dim=32, chunk=64)
+QUICK_GPU = dict(prefill=[2048, 8192], contexts=[8192, 32768], batches=[1, 16], heads=(HQ, HKV), head_dim=HEAD_DIM,
+                 chunk=CHUNK)
+SDPA_DENSE_MAX = 32768  # the dense bool mask is S^2 bytes (1 GiB at 32k, 16 GiB at 128k)
+
+
+class Budget:
+    """Wall-clock budget for the whole run: past it, remaining cases are skipped ('-')."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def exhausted(self) -> bool:
+        return self.left() <= 0
+
+
+def visible_pairs(S: int, chunk: int | None) -> int:
+    """(query, key) pairs a causal (chunked) layer computes for one head of one sequence that
+    starts at position 0 and has S queries over S keys."""
+    if chunk is None:
+        return S * (S + 1) // 2
+    full, rest = divmod(S, chunk)
+    return full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor, rows: int = 2048) -> float:
+    """||a - b|| / ||b|| over the last `rows` queries (the longest rows; bounds the fp32 copies)."""
+    a, b = a[..., -rows:, :].float(), b[..., -rows:, :].float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _failure(label: str, e: Exception) -> dict:
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    print(f"  [{label}] failed: {msg}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"error": msg}
+
+
+def run_case(label: str, fn, inputs, budget: Budget, probe: tuple, reference=None):
+    """-> (entry, fn(*probe)): entry has the median us of fn(*inputs()) (rotating sets) and the
+    relative error of fn(*probe) against `reference` (ours on the same probe set), or an error
+    once failed or out of budget."""
+    if budget.exhausted():
+        return {"error": "skipped: time budget"}, None
+    try:
+        out = fn(*probe)
+        entry = {"us": common.time_us(lambda: fn(*inputs()))}
+        if reference is not None:
+            entry["rel_err_vs_ours"] = rel_err(out, reference)
+        return entry, out
+    except Exception as e:  # noqa: BLE001 - a failing baseline must not stop the run
+        return _failure(label, e), None
+
+
+class Flex:
+    """flex_attention compiled once (dynamic shapes) plus the block masks transformers builds.
+    `why` says why it is unavailable, if it is."""
+
+    def __init__(self, device: str):
+        self.why = None
+        self.compiled = device == "cuda"
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as e:
+            self.why = f"flex_attention unavailable: {e}"
+            return
+        self.create_block_mask = create_block_mask
+        # On CPU (quick runs) eager flex: compiling with the C++ inductor would dominate the run.
+        self.attn = torch.compile(flex_attention, dynamic=True) if self.compiled else flex_attention
+
+    def block_mask(self, S: int, chunk: int | None, device: str):
+        def causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx
+
+        def chunked_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (kv_idx // chunk == q_idx // chunk)
+
+        return self.create_block_mask(causal if chunk is None else chunked_causal, None, None, S, S,
+                                      device=device, _compile=self.compiled)
+
+
+def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:
+    """ours and sdpa per case; each row keeps what flex needs (`_pending`) for run_flex."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hq, hkv = cfg["heads"]
+    D, rows = cfg["head_dim"], []
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    for S in cfg["prefill"]:
+        for chunk in (cfg["chunk"], None):
+            layer = "global" if chunk is None else f"chunked C={chunk}"
+            print(f"prefill S={S} {layer}", flush=True)
+            set_bytes = (2 * hq + 2 * hkv) * S * D * dtype.itemsize  # q, out, k, v: read/written once
+            inputs = common.rotating(lambda: (torch.randn(1, hq, S, D, dtype=dtype, device=device),
+                                              torch.randn(1, hkv, S, D, dtype=dtype, device=device),
+                                              torch.randn(1, hkv, S, D, dtype=dtype, device=device)), set_bytes)
+
+            def ours_fn(q, k, v, chunk=chunk):
+                return chunked_attention(q, k, v, chunk_size=chunk)
+
+            probe = inputs()
+            ours, reference = run_case("ours", ours_fn, inputs, budget, probe)
+            if chunk is None:
+                def sdpa(q, k, v):
+                    with sdpa_kernel(fused) if device == "cuda" else contextlib.nullcontext():
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                base = run_case("sdpa", sdpa, inputs, budget, probe, reference)[0]
+            elif S <= SDPA_DENSE_MAX:
+                try:
+                    base = run_case("sdpa", _dense_mask_sdpa(probe, S, chunk, hq // hkv, device), lambda: probe,
+                                    budget, probe, reference)[0]
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory building the mask
+                    base = _failure("sdpa", e)
+            else:
+                base = {"error": f"skipped: dense {S}x{S} mask"}
+            rows.append({"S": S, "layer": layer, "flops": 4 * D * visible_pairs(S, chunk) * hq, "bytes": set_bytes,
+                         "ours": ours, "baselines": {"sdpa": base},
+                         "_pending": (chunk, inputs, probe, reference)})
+            _rates(rows[-1], ceilings)
+    return rows
+
+
+# Seconds of budget a flex case needs before it starts: the first one compiles (tens of seconds).
+FLEX_FIRST_S, FLEX_NEXT_S = 45.0, 8.0
+
+
+def run_flex(rows: list[dict], flex: Flex, device, ceilings, budget) -> None:
+    """flex_attention on the prefill cases, last: its compile time is the budget's unknown."""
+    compiled = False
+    for row in rows:
+        chunk, inputs, probe, reference = row.pop("_pending")
+        if budget.left() < (FLEX_NEXT_S if compiled else FLEX_FIRST_S):
+            row["baselines"]["flex"] = {"error": "skipped: time budget"}
+            continue
+        if flex.why is None:
+            try:
+                mask = flex.block_mask(row["S"], chunk, device)
+            except Exception as e:  # noqa: BLE001
+                flex.why = "create_block_mask failed: " + _failure("flex", e)["error"]
+        if flex.why is not None:
+            row["baselines"]["flex"] = {"error": flex.why}
+            continue
+        print(f"flex S={row['S']} {row['layer']}", flush=True)
+        entry = run_case("flex", lambda q, k, v: flex.attn(q, k, v, block_mask=mask, enable_gqa=True), inputs,
+                         budget, probe, reference)[0]
+        row["baselines"]["flex"] = entry
+        compiled = compiled or "us" in entry
+        if not compiled and "error" in entry:  # it never worked: do not pay the compile again
+            flex.why = entry["error"]
+        del mask, inputs, probe, reference
+        _rates(row, ceilings)
+
+
+def _dense_mask_sdpa(probe, S, chunk, group, device):
+    """sdpa with an explicit chunked-causal bool mask over the probe set's K/V repeated to the
+    query heads (the efficient backend takes masks but not grouped KV), set up outside the
+    timing. Timed on the probe set alone: at these sizes one set already exceeds L2."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pos = torch.arange(S, device=device)
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] // chunk == pos[:, None] // chunk)
+    kr, vr = probe[1].repeat_interleave(group, dim=1), probe[2].repeat_interleave(group, dim=1)
+    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(backends) if device == "cuda" else contextlib.nullcontext():
+            return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+
+    return sdpa
+
+
+def bench_decode(cfg, dtype, device, ceilings, budget) -> list[dict]:
+    hq, hkv = cfg["heads"]
+    D, chunk_c, rows = cfg["head_dim"], cfg["chunk"], []
+    for S in cfg["contexts"]:
+        for B in cfg["batches"]:
+            kv_bytes = 2 * B * hkv * S * D * dtype.itemsize
+            for chunk in (chunk_c, None):
+                layer = "global" if chunk is None else f"chunked C={chunk}"
+                visible = S if chunk is None else S - (S - 1) // chunk * chunk  # the last query's keys
+                moved = 2 * B * hkv * visible * D * dtype.itemsize + 2 * B * hq * D * dtype.itemsize
+                row = {"context": S, "batch": B, "layer": layer, "bytes": moved,
+                       "flops": 4 * D * visible * hq * B}
+                free = torch.cuda.mem_get_info()[0] if device == "cuda" else 8 * 2**30
+                if kv_bytes > 0.8 * free:
+                    rows.append({**row, "ours": {"error": f"skipped: K/V need {kv_bytes / 2**30:.0f} GiB"},
+                                 "baselines": {"sdpa": {"error": "skipped: memory"}}})
+                    continue
+                print(f"decode context={S} batch={B} {layer}", flush=True)
+                inputs = common.rotating(lambda: (torch.randn(B, hq, 1, D, dtype=dtype, device=device),
+                                                  torch.randn(B, hkv, S, D, dtype=dtype, device=device),
+                                                  torch.randn(B, hkv, S, D, dtype=dtype, device=device)), kv_bytes)
+                ours_fn = lambda q, k, v: chunked_attention(q, k, v, chunk_size=chunk)  # noqa: E731
+                probe = inputs()
+                ours, reference = run_case("ours", ours_fn, inputs, budget, probe)
+                lo = S - visible
+
+                def sdpa(q, k, v):  # the query is the last position: it sees keys [lo, S) unmasked
+                    return F.scaled_dot_product_attention(q, k[:, :, lo:], v[:, :, lo:], enable_gqa=True)
+
+                row.update(ours=ours, baselines={"sdpa": run_case("sdpa", sdpa, inputs, budget, probe, reference)[0]})
+                rows.append(row)
+                _rates(row, ceilings)
+                del inputs, probe, reference
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _rates(row: dict, ceilings: dict) -> None:
+    """Fill TB/s, TFLOP/s and % of roofline / matmul peak / HBM for ours and each baseline."""
+    for entry in [row["ours"], *row["baselines"].values()]:
+        if "us" in entry:
+            entry.update(common.roofline(entry["us"], row["bytes"], row["flops"], ceilings))
+            entry["pct_matmul_peak"] = 100 * entry["tflops"] / ceilings["matmul_tflops"]
+            entry["pct_hbm"] = 100 * entry["tbps"] / ceilings["hbm_tbps"]
+    for name, entry in row["baselines"].items():
+        if "us" in entry and "us" in row["ours"]:
+            entry["ours_speedup"] = entry["us"] / row["ours"]["us"]
+
+
+def _table(rows: list[dict], keys: list[str], cols: list[tuple[str, str, str]]) -> str:
+    """common.markdown_table over pre-formatted cells `<impl>_<field>`: a failed
+    implementation shows 'error' in its us column, a skipped one '-'."""
+    flat = []
+    for r in rows:
+        f = {k: r[k] for k in keys}
+        for name, e in [("ours", r["ours"]), *r["baselines"].items()]:
+            f.update({f"{name}_{field}": v for field, v in e.items()})
+            if "error" in e and not e["error"].startswith("skipped"):
+                f[f"{name}_us"] = "error"
+        flat.append({key: (format(f[key], fmt) if fmt and isinstance(f.get(key), (int, float)) else f.get(key))
+                     for key, _, fmt in cols})
+    return common.markdown_table(flat, [(key, head, "s" if fmt else "") for key, head, fmt in cols])
+
+
+def print_tables(prefill: list[dict], decode: list[dict], ceilings: dict, title: str) -> None:
+    print(f"\n{title}; ceilings: {ceilings['hbm_tbps']:.2f} TB/s HBM copy, "
+          f"{ceilings['matmul_tflops']:.0f} TFLOP/s {ceilings['matmul_dtype']} matmul")
+    print("\nprefill (batch 1; TFLOP/s on visible (q, k) pairs; % of the measured matmul peak)")
+    print(_table(prefill, ["S", "layer"], [
+        ("S", "S", ""), ("layer", "layer", ""),
+        ("ours_us", "ours us", ".0f"), ("ours_tflops", "ours TFLOP/s", ".0f"),
+        ("ours_pct_matmul_peak", "% peak", ".0f"),
+        ("sdpa_us", "sdpa us", ".0f"), ("sdpa_tflops", "sdpa TFLOP/s", ".0f"),
+        ("flex_us", "flex us", ".0f"), ("flex_tflops", "flex TFLOP/s", ".0f"),
+        ("sdpa_ours_speedup", "x vs sdpa", ".2f"), ("flex_ours_speedup", "x vs flex", ".2f")]))
+    print("\ndecode (1 new token per sequence; TB/s over K/V of the visible keys + q/out; % of the HBM roofline)")
+    print(_table(decode, ["context", "batch", "layer"], [
+        ("context", "context", ""), ("batch", "batch", ""), ("layer", "layer", ""),
+        ("ours_us", "ours us", ".1f"), ("ours_tbps", "ours TB/s", ".2f"),
+        ("ours_pct_roofline", "% roofline", ".0f"),
+        ("sdpa_us", "sdpa us", ".1f"), ("sdpa_tbps", "sdpa TB/s", ".2f"),
+        ("sdpa_ours_speedup", "x vs sdpa", ".2f")]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="toy sizes (CPU interpreter) / short GPU run")
+    parser.add_argument("--budget-s", type=float, default=110.0,
+                        help="wall-clock budget after start-up; cases past it are skipped (default 110, "
+                             "so the whole run fits 2.5 minutes)")
+    parser.add_argument("--no-flex", action="store_true", help="skip the flex_attention baseline")
+    args = parser.parse_args(argv)
+
+    device = common.device()
+    cfg = (QUICK_GPU if device == "cuda" else QUICK_CPU) if args.quick or device == "cpu" else FULL
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16  # the interpreter has no bf16 dot
+    budget = Budget(args.budget_s)
+    torch.manual_seed(0)
+    ceilings = common.measure_ceilings(quick=args.quick)
+    flex = Flex(device)
+    if args.no_flex:
+        flex.why = "skipped: --no-flex"
+    elif flex.why:
+        print(flex.why, flush=True)
+    prefill = bench_prefill(cfg, dtype, device, ceilings, budget)
+    decode = bench_decode(cfg, dtype, device, ceilings, budget)
+    run_flex(prefill, flex, device, ceilings, budget)
+    notes = [f"flex: {flex.why}"] if flex.why else []
+    title = (f"attention, {common.gpu_name()}, {str(dtype).replace('torch.', '')}, "
+             f"{cfg['heads'][0]} q / {cfg['heads'][1]} kv heads, head_dim {cfg['head_dim']}")
+    print_tables(prefill, decode, ceilings, title)
+    path = common.write_results("attention", {
+        "dtype": str(dtype), "config": cfg, "quick": bool(args.quick), "ceilings": ceilings,
+        "prefill": prefill, "decode": decode, "notes": notes,
+    })
+    print(f"\nwrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Triton kernels for Llama 4 inference, installed as `llama4_fast.kernels`.
+
+Plain torch tensors in and out (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
+shapes are documented on each launcher. This package knows nothing of models or registries.
+"""
+
+from .attention import chunked_attention
+from .moe import fused_moe
+from .routing import route
+
+__all__ = ["route", "fused_moe", "chunked_attention"]

@@ -1,0 +1,511 @@
+"""Chunked causal flash attention (Llama 4) in Triton: prefill and decode in one kernel.
+
+Public entry points
+-------------------
+``chunked_attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, out=None)``
+    q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D]; float16 / bfloat16 / float32, one dtype for all.
+    Returns [B, Hq, Sq, D] in q's dtype (written into ``out`` when given). Any strides are
+    accepted (transformers hands over [B, S, H, D] storage transposed to [B, H, S, D]), so
+    no copy is made. Semantics are those of ``llama4_fast.ops.attention``: key j sits at
+    position ``kv_start + j`` (kv_start an int or an int32/int64 tensor [B]); the queries are
+    the last Sq positions; a query at position p sees keys at positions s with
+    ``0 <= s <= p`` and, when chunk_size=C, ``s // C == p // C``. Query h reads KV head
+    ``h // (Hq // Hkv)`` (GQA, K/V never repeated). A query that sees no key (a padding row
+    at a negative position) returns zeros. scale defaults to D ** -0.5.
+``supports_head_dim(d) -> bool``
+    Any head dim 1..256; non-powers of two run in a padded tile with masked loads.
+
+Design
+------
+One kernel, ``_attn_fwd``, handles both phases. A program owns BLOCK_M query *rows* of one
+(batch, head group) and walks the key tiles those rows can see:
+
+* Rows. Row r of a head group stands for query ``r // PACK`` of query head
+  ``group_start + r % PACK``. Prefill uses PACK = 1 (a row is a query, the usual
+  FlashAttention-2 tiling, one program per query head). Decode (Sq <= DECODE_MAX_Q) packs the
+  whole GQA group (PACK = Hq // Hkv = 5 for Llama 4) into the rows, so each K/V tile is loaded
+  once per KV head instead of once per query head, and the 5 x Sq rows fill an MMA tile.
+* Loop bounds. With ``off = Skv - Sq`` a row with query index i sees key indices
+  ``[lo(i), i + off]`` where lo(i) is the start of its chunk (or of the first non-negative
+  position), in key-index space. Both ends grow with i, so the block's key range is
+  ``[lo(first row), last row + off]``: key tiles wholly before the first row's chunk or past
+  the diagonal are never loaded (FlashAttention-3 treats Llama 4's chunking the same way).
+  Keys every row sees are ``[lo(last row), first row + off]``; tiles inside that interval run
+  without any mask (the bulk of the work), and only the tiles straddling the chunk start /
+  padding (phase 1) or the diagonal / the sequence end (phase 3) build the boolean mask.
+  Tiles are anchored at the block's first key, so every phase boundary is a tile boundary.
+* Split-KV (flash-decoding). When (batch x heads x query blocks) programs cannot fill the GPU,
+  the key range of each block is cut into ``num_splits`` contiguous runs of tiles along grid
+  axis 2. Each split writes its normalised partial output and log-sum-exp (base 2) to an fp32
+  workspace; ``_merge_splits`` combines them with the usual max-shifted weights. Splits that
+  get no tiles (a short chunk, left padding) write lse = -inf and weigh nothing.
+* Softmax. Online softmax in fp32 with exp2 and ``scale * log2(e)`` folded into one multiply.
+  Masked entries are -inf; a row whose running max is still -inf uses 0 as its shift, so
+  exp2(-inf) = 0 and it accumulates nothing. A row with zero total weight returns zeros.
+* Addressing. Batch/head/row offsets are int64 (a 1M-token prefill has 1M x 40 heads x 128
+  = 5.2e9 query elements); offsets inside one tile stay int32, and K/V tiles advance a scalar
+  base pointer, so the per-element address math is loop-invariant int32.
+
+Launch configs come from a fixed table (``_launch_config``) chosen for H100 and checked with
+ptxas for sm_90, head dims 16..256: the 16-bit configs do not spill on triton 3.6 or 3.9 (the
+fp32 path keeps an 8-byte stack on 3.6). There is no autotuning, so a first call compiles one
+kernel variant (plus the merge kernel when it splits).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import checks
+
+# Decode path threshold: up to this many new tokens per sequence the GQA group is packed into
+# the query rows (Llama 4: 5 heads x 16 queries = 80 rows, one block), so each K/V tile is read
+# once per KV head. Past it, one head per program with up to 128 queries a block (the prefill
+# layout) reads K/V once per query head but keeps the MMA full, and the work is compute-bound.
+DECODE_MAX_Q = 16
+# Split-KV only when the programs fall short of the GPU's program slots (_PROGRAMS_PER_SM per
+# SM: the decode config's ~176 registers x 128 threads fit twice), and never into runs shorter
+# than _MIN_KEYS_PER_SPLIT keys (the partial write + merge then outweigh the extra parallelism).
+_PROGRAMS_PER_SM = 2
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 64
+_MERGE_BLOCK_M = 16  # rows per merge program: a [16, D] fp32 accumulator, no spills at D=256
+# Without a GPU (interpreter), plan splits as if for a small device so the split path is used.
+_INTERPRETER_SMS = 16
+_MAX_GRID_Y = 65535
+_LOG2E = 1.4426950408889634
+
+
+def supports_head_dim(d: int) -> bool:
+    """Head dims the kernel runs: 1..256 (padded to a power-of-two tile of at least 16)."""
+    return isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 256
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_2d(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a [rows, cols] tile, masking only the dimensions that may run out of bounds
+    (out-of-bounds elements read as 0, so they add nothing to a dot product)."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _row_offsets(rows, b, hp, stride_b, stride_h, stride_m, PACK: tl.constexpr):
+    """int64 element offsets of the [BLOCK_M] rows of head group `hp` in batch `b`:
+    row r is query r // PACK of head hp * PACK + r % PACK."""
+    qi = rows // PACK
+    head = hp * PACK + rows % PACK
+    return b.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h + qi.to(tl.int64) * stride_m
+
+
+@triton.jit
+def _first_visible_key(own_key, kv_start, chunk_size, CHUNKED: tl.constexpr):
+    """Key index of the first key visible to the query at key index `own_key` (position
+    kv_start + own_key): its chunk's start, and never a negative (padding) position.
+    Works on scalars and vectors; may be negative (clamp it when looping)."""
+    if CHUNKED:
+        # Clamped so the (truncating) integer division floors; a query at a negative position
+        # sees nothing whatever this returns, since its own key is already padding.
+        pos = tl.maximum(kv_start + own_key, 0)
+        first_pos = (pos // chunk_size) * chunk_size
+    else:
+        first_pos = tl.zeros_like(own_key)
+    return first_pos - kv_start
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, k_offs, v_offs, stride_kn, stride_vn,
+                  start, end, offs_n, d_ok, row_lo, row_hi, seq_kv, qk_scale,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_D: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) over key tiles [start, end) step BLOCK_N.
+
+    k_ptr / v_ptr point at key `start` of this (batch, KV head); k_offs / v_offs are the
+    int32 offsets inside one [BLOCK_N, BLOCK_D] tile. MASKED tiles apply the per-row visible
+    interval [row_lo, row_hi] (key indices) and the sequence end; unmasked tiles trust the
+    caller that every row sees every key of the tile.
+    """
+    for n0 in range(start, end, BLOCK_N):
+        if MASKED:
+            keys = n0 + offs_n
+            k = _load_2d(k_ptr + k_offs, keys < seq_kv, d_ok, True, MASK_D)
+        else:  # the whole tile is in bounds (row_ok is unused)
+            k = _load_2d(k_ptr + k_offs, offs_n, d_ok, False, MASK_D)
+        # [BLOCK_M, BLOCK_N] scores in fp32, already in log2 units.
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
+        if MASKED:
+            visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] <= row_hi[:, None])
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row that has seen no key yet keeps m = -inf; shift it by 0 instead so that
+            # exp2(-inf - -inf) never produces NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_shift = m_new
+        p = tl.exp2(qk - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)  # rescales what was accumulated under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = _load_2d(v_ptr + v_offs, keys < seq_kv, d_ok, True, MASK_D)
+        else:
+            v = _load_2d(v_ptr + v_offs, offs_n, d_ok, False, MASK_D)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+        k_ptr += BLOCK_N * stride_kn
+        v_ptr += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["kv_start_int", "seq_q", "seq_kv"])
+def _attn_fwd(
+    Q, K, V, Out, PartialO, PartialLSE, KVStart,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    kv_start_int, seq_q, seq_kv, head_groups, chunk_size, qk_scale,
+    GROUP: tl.constexpr,          # query heads per KV head (Hq // Hkv)
+    PACK: tl.constexpr,           # query heads packed into one program's rows: 1 or GROUP
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,        # next power of two >= max(HEAD_DIM, 16)
+    CHUNKED: tl.constexpr,        # chunk_size is set (Llama 4 RoPE layers)
+    KV_START_TENSOR: tl.constexpr,  # kv_start is a [B] tensor (else the scalar kv_start_int)
+    SPLIT: tl.constexpr,          # write partials for _merge_splits instead of Out
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Grid: (row blocks, B * head_groups, num_splits). Row blocks run in reverse so that the
+    longest causal blocks start first and the short ones fill the tail of the wave."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    b = pid_bh // head_groups
+    hp = pid_bh % head_groups
+    kv_head = (hp * PACK) // GROUP  # PACK divides GROUP: all packed heads share one KV head
+
+    if KV_START_TENSOR:
+        kv_start = tl.load(KVStart + b).to(tl.int32)
+    else:
+        kv_start = kv_start_int
+    off = seq_kv - seq_q  # key index of query 0's own position
+    total_rows = seq_q * PACK
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < total_rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D  # padded head dim: mask the extra columns
+
+    # Per-row visible key interval [row_lo, row_hi] (key indices), for the masked tiles.
+    row_hi = rows // PACK + off
+    row_lo = _first_visible_key(row_hi, kv_start, chunk_size, CHUNKED)
+
+    # Block key range from its first and last real rows; both interval ends grow with the row.
+    first_hi = (pid_m * BLOCK_M) // PACK + off
+    last_hi = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, total_rows) - 1) // PACK + off
+    lo = tl.maximum(_first_visible_key(first_hi, kv_start, chunk_size, CHUNKED), 0)
+    hi = last_hi + 1
+    # Keys every row sees: [full_lo, full_hi). Phase 2 runs over the whole tiles inside it.
+    full_lo = tl.maximum(_first_visible_key(last_hi, kv_start, chunk_size, CHUNKED), lo)
+    full_hi = first_hi + 1
+    if full_hi > full_lo:
+        mid_lo = lo + tl.cdiv(full_lo - lo, BLOCK_N) * BLOCK_N
+        mid_hi = mid_lo + (tl.maximum(full_hi - mid_lo, 0) // BLOCK_N) * BLOCK_N
+        mid_lo = tl.minimum(mid_lo, hi)
+        mid_hi = tl.minimum(mid_hi, hi)
+    else:
+        mid_lo = hi
+        mid_hi = hi
+    # This split's run of tiles; empty when the block has fewer tiles than splits.
+    tiles_per_split = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N), num_splits)
+    s_lo = lo + split * tiles_per_split * BLOCK_N
+    s_hi = tl.minimum(s_lo + tiles_per_split * BLOCK_N, hi)
+
+    q_rows = _row_offsets(rows, b, hp, stride_qb, stride_qh, stride_qm, PACK)
+    q = _load_2d(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, row_ok, d_ok, True, MASK_D)
+
+    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_offs = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Phase 1: tiles before the keys every row sees (chunk start / padding straddles).
+    p1_hi = tl.minimum(mid_lo, s_hi)
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base + s_lo.to(tl.int64) * stride_kn, v_base + s_lo.to(tl.int64) * stride_vn,
+        k_offs, v_offs, stride_kn, stride_vn, s_lo, p1_hi, offs_n, d_ok, row_lo, row_hi, seq_kv, qk_scale,
+        BLOCK_N, True, MASK_D, INPUT_PRECISION)
+    # Phase 2: the unmasked bulk.
+    p2_lo = tl.maximum(mid_lo, s_lo)
+    p2_hi = tl.minimum(mid_hi, s_hi)
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base + p2_lo.to(tl.int64) * stride_kn, v_base + p2_lo.to(tl.int64) * stride_vn,
+        k_offs, v_offs, stride_kn, stride_vn, p2_lo, p2_hi, offs_n, d_ok, row_lo, row_hi, seq_kv, qk_scale,
+        BLOCK_N, False, MASK_D, INPUT_PRECISION)
+    # Phase 3: the diagonal and the sequence end.
+    p3_lo = tl.maximum(mid_hi, s_lo)
+    acc, l_i, m_i = _attend_tiles(
+        acc, l_i, m_i, q, k_base + p3_lo.to(tl.int64) * stride_kn, v_base + p3_lo.to(tl.int64) * stride_vn,
+        k_offs, v_offs, stride_kn, stride_vn, p3_lo, s_hi, offs_n, d_ok, row_lo, row_hi, seq_kv, qk_scale,
+        BLOCK_N, True, MASK_D, INPUT_PRECISION)
+
+    # Rows that saw no key (l = 0, acc = 0) come out as zeros.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if SPLIT:
+        # Workspace [B * head_groups, num_splits, rows_padded, BLOCK_D], fully written.
+        rows_padded = tl.num_programs(0) * BLOCK_M
+        ws_row = (pid_bh.to(tl.int64) * num_splits + split) * rows_padded + rows
+        tl.store(PartialO + ws_row[:, None] * BLOCK_D + offs_d[None, :], o)
+        tl.store(PartialLSE + ws_row, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")))
+    else:
+        o_rows = _row_offsets(rows, b, hp, stride_ob, stride_oh, stride_om, PACK)
+        o_ptrs = Out + o_rows[:, None] + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seq_q"])
+def _merge_splits(
+    PartialO, PartialLSE, Out,
+    stride_ob, stride_oh, stride_om, stride_od,
+    seq_q, head_groups, num_splits, rows_padded,
+    PACK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Combine the split partials: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) with
+    M the running max of lse_s. Grid: (cdiv(rows, BLOCK_M), B * head_groups); the workspace
+    rows are those of _attn_fwd, padded to rows_padded."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // head_groups
+    hp = pid_bh % head_groups
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seq_q * PACK  # rows_padded is a multiple of 16 >= the rows: loads stay in bounds
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(num_splits):
+        ws_row = (pid_bh.to(tl.int64) * num_splits + s) * rows_padded + rows
+        lse = tl.load(PartialLSE + ws_row)
+        o = tl.load(PartialO + ws_row[:, None] * BLOCK_D + offs_d[None, :])
+        m_new = tl.maximum(m, lse)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_shift)
+        w = tl.exp2(lse - m_shift)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        w_sum = w_sum * alpha + w
+        m = m_new
+    o = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
+    o_rows = _row_offsets(rows, b, hp, stride_ob, stride_oh, stride_om, PACK)
+    o_ptrs = Out + o_rows[:, None] + offs_d[None, :] * stride_od
+    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _launch_config(block_d: int, dtype: torch.dtype, decode: bool, rows: int) -> LaunchConfig:
+    """Fixed H100 table, keyed by the padded head dim, the dtype and the phase.
+
+    Chosen so that nothing spills on sm_90 (register counts from ptxas, triton 3.9):
+    16-bit prefill uses FlashAttention-2's 128 x 64 tiles with 8 warps (two warpgroups, so
+    the [128, D] fp32 accumulator costs D / 2 registers a thread; ~240 at D=128); D=256 halves
+    both tiles. Decode is bandwidth-bound: one block holds all packed rows (16..128, the GQA
+    group times the new tokens) so K/V is read once, 64-key tiles, 4 warps (8 past 64 rows),
+    3 stages to keep loads in flight. float32 runs the exact (ieee, FMA) dot, whose operands
+    live in registers, so it needs 16 x 16 tiles.
+    """
+    rows_pow2 = max(16, triton.next_power_of_2(rows))
+    if dtype == torch.float32:
+        return LaunchConfig(16, 16, 4 if block_d <= 64 else 8, 2)
+    if decode:
+        if block_d > 128:
+            return LaunchConfig(min(rows_pow2, 64), 32, 4 if rows_pow2 <= 32 else 8, 2)
+        return LaunchConfig(rows_pow2, 64, 4, 3) if rows_pow2 <= 64 else LaunchConfig(128, 64, 8, 3)
+    if block_d <= 128:
+        return LaunchConfig(min(128, rows_pow2), 64, 8, 3)
+    return LaunchConfig(min(64, rows_pow2), 32, 8, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
+    """How many KV splits to launch, from shapes only (no device sync).
+
+    One while the grid already fills 3/4 of the GPU's program slots (_PROGRAMS_PER_SM per
+    SM). Otherwise the fewest splits whose last wave is nearly full: with P programs and S
+    slots, s splits run P * s / S waves, and a wave only partly filled wastes the rest of it
+    (B=16 decode: 128 programs on 264 slots -> 2 splits, one full wave, rather than 3 splits
+    and a half-empty second wave). Each split keeps at least _MIN_KEYS_PER_SPLIT keys.
+    """
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else _INTERPRETER_SMS
+    slots = _PROGRAMS_PER_SM * sms
+    if programs * 4 >= slots * 3:
+        return 1
+    max_splits = max(1, min(max_keys // max(_MIN_KEYS_PER_SPLIT, block_n), _MAX_SPLITS))
+    waves = [programs * n / slots for n in range(1, max_splits + 1)]
+    efficiency = [w / math.ceil(w) for w in waves]
+    best = max(efficiency)
+    return next(n for n, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_out(out, q: torch.Tensor) -> None:
+    checks.tensor("out", out)
+    if out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    if out.dtype != q.dtype:
+        raise TypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
+    if out.device != q.device:
+        raise ValueError(f"out is on {out.device} but q is on {q.device}")
+    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
+        raise ValueError("out must not be a broadcast (stride-0) view: its elements would overlap")
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,
+                      scale: float | None = None, kv_start: int | torch.Tensor = 0,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal, optionally chunked, grouped-query flash attention.
+
+    Args:
+        q: [B, Hq, Sq, D] float16/bfloat16/float32, any strides.
+        k, v: [B, Hkv, Skv, D], q's dtype and device, Hq % Hkv == 0, Sq <= Skv, any strides.
+        chunk_size: C for Llama 4's chunked layers (a query sees only keys of its own chunk,
+            chunk id = absolute position // C), or None for plain causal attention.
+        scale: softmax scale, default D ** -0.5.
+        kv_start: absolute position of key 0: an int, or an int32/int64 tensor [B] on q's
+            device (per-sequence starts; negative starts mean left padding).
+        out: optional [B, Hq, Sq, D] output in q's dtype and device (any strides, must not
+            overlap q, k or v).
+
+    Returns:
+        [B, Hq, Sq, D] in q's dtype: ``out`` when given, else a new tensor laid out like q
+        (``torch.empty_like``: a [B, S, H, D]-transposed q gives a [B, S, H, D]-transposed out).
+        Rows that see no key (queries at negative positions) are zeros.
+
+    Sq <= DECODE_MAX_Q takes the decode layout (GQA group packed into the rows); either path
+    splits the key range (flash-decoding) when the grid alone would leave SMs idle.
+    """
+    checks.attention_args(q, k, v, chunk_size, scale, kv_start)
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if not supports_head_dim(D):
+        raise ValueError(f"head dim D={D} is not supported (1 <= D <= 256)")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+        raise ValueError(f"q is on {q.device}: chunked_attention needs CUDA tensors "
+                         "(or CPU tensors with TRITON_INTERPRET=1)")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        raise TypeError("bfloat16 is not supported under the Triton interpreter (its bf16 tl.dot "
+                        "multiplies raw bits, triton issue 11584): use float16/float32 on CPU")
+    # Positions and key indices are int32 in the kernel. A CUDA kv_start tensor is not read back
+    # (no host sync): its values are the caller's to keep within range.
+    if isinstance(kv_start, int):
+        max_start = abs(kv_start)
+    elif kv_start.device.type == "cpu" and kv_start.numel():
+        max_start = int(kv_start.abs().max())
+    else:
+        max_start = 0
+    if max_start + Skv >= 2**31:
+        raise ValueError(f"kv_start (|kv_start| up to {max_start}) + Skv={Skv} must stay below 2**31")
+    if out is None:
+        out = torch.empty_like(q)  # q's layout when dense (what the custom op's fake returns)
+    else:
+        _check_out(out, q)
+    if out.numel() == 0:
+        return out
+
+    group = Hq // Hkv
+    decode = Sq <= DECODE_MAX_Q
+    pack = group if decode else 1
+    head_groups = Hq // pack
+    rows = Sq * pack
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = _launch_config(block_d, q.dtype, decode, rows)
+    m_blocks = triton.cdiv(rows, cfg.block_m)
+    if B * head_groups > _MAX_GRID_Y:
+        raise ValueError(f"B * Hq / {pack} = {B * head_groups} programs exceed the grid limit {_MAX_GRID_Y}")
+
+    # Longest key range one row block can read: the whole cache, or one chunk plus the rows
+    # the block spans. Only an upper bound is needed, so per-sequence kv_start stays on device.
+    max_keys = Skv if chunk_size is None else min(Skv, chunk_size + cfg.block_m // pack)
+    splits = _num_splits(m_blocks * B * head_groups, max_keys, cfg.block_n, q.device)
+    split = splits > 1
+    if split:
+        partial_o = torch.empty(B * head_groups, splits, m_blocks * cfg.block_m, block_d,
+                                dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(B * head_groups, splits, m_blocks * cfg.block_m,
+                                  dtype=torch.float32, device=q.device)
+    else:
+        partial_o = partial_lse = out  # unused (SPLIT=False), any pointer will do
+
+    kv_tensor = isinstance(kv_start, torch.Tensor)
+    scale = D ** -0.5 if scale is None else float(scale)
+    _attn_fwd[(m_blocks, B * head_groups, splits)](
+        q, k, v, out, partial_o, partial_lse, kv_start if kv_tensor else q,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        0 if kv_tensor else kv_start, Sq, Skv, head_groups,
+        1 if chunk_size is None else min(chunk_size, 2**31 - 1), scale * _LOG2E,
+        GROUP=group, PACK=pack, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        CHUNKED=chunk_size is not None, KV_START_TENSOR=kv_tensor, SPLIT=split,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _merge_splits[(triton.cdiv(rows, _MERGE_BLOCK_M), B * head_groups)](
+            partial_o, partial_lse, out, *out.stride(), Sq, head_groups, splits, m_blocks * cfg.block_m,
+            PACK=pack, HEAD_DIM=D, BLOCK_M=_MERGE_BLOCK_M, BLOCK_D=block_d, num_warps=4,
+        )
+    return out
