@@ -203,6 +203,10 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason):
     t_ours = timed("ours", lambda x, lg: ours(x, lg, w13, w2))
     if t_ours is not None:
         row.update({f"ours_{k}": v for k, v in roofline(t_ours, bytes_moved, flops, ceilings).items()})
+        # A number for a wrong answer is worthless: check ours against the loop baseline.
+        x0, lg0 = sets[0]
+        ref = loop(x0, lg0, w13, w2).float()
+        row["rel_err_vs_loop"] = ((ours(x0, lg0, w13, w2).float() - ref).norm() / ref.norm()).item()
     row["roofline_us"] = roofline(1.0, bytes_moved, flops, ceilings)["roofline_us"]  # time-independent
 
     # Routing overhead alone: what fused_moe adds before its GEMMs.
@@ -292,7 +296,7 @@ COLUMNS = [
     ("roofline_us", "floor us", ".1f"), ("ours_us", "ours us", ".1f"), ("ours_graph_us", "graph us", ".1f"),
     ("ours_tbps", "TB/s", ".2f"), ("ours_tflops", "TFLOP/s", ".1f"), ("ours_pct_roofline", "% roof", ".1f"),
     ("ours_graph_pct_roofline", "graph % roof", ".1f"),
-    ("routing_us", "routing us", ".1f"), ("dense_us", "dense us", ".1f"), ("loop_us", "loop us", ".1f"),
+    ("routing_us", "routing us", ".1f"), ("rel_err_vs_loop", "err vs loop", ".1e"), ("dense_us", "dense us", ".1f"), ("loop_us", "loop us", ".1f"),
     ("grouped_mm_us", "grouped_mm us", ".1f"), ("speedup_vs_dense", "x dense", ".2f"),
     ("speedup_vs_loop", "x loop", ".2f"), ("speedup_vs_grouped_mm", "x grouped_mm", ".2f"),
 ]
