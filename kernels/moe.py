@@ -4,16 +4,19 @@ For hidden_states x [T, H], experts gate_up_proj [E, H, 2I] / down_proj [E, I, H
 (transformers' layout, read as-is) and top_k choices per token, call the P = T * top_k
 (token, slot) pairs "pairs"; pair p = t * top_k + j. The work is:
 
-1. Grouping. When every pair fits one row block (P <= BLOCK_M: decode), nothing is built:
+1. Grouping. When every pair fits one row block (P <= BLOCK_M, with BLOCK_M raised to as many
+   as DIRECT_MAX_PAIRS rows for it: decode), nothing is built:
    GEMM program m takes pair m's expert and serves every pair that chose it (programs whose
    expert an earlier pair already chose exit at once), so no expert is read twice and a
    top-1 decode step is the two GEMM launches (plus a combine where K is split, see 4).
    Otherwise `routing.dispatch_metadata` groups the pairs by expert on the device (see its
    docstring).
 2. gate_up GEMM (GATED): one program owns (expert, row block, BLOCK_N columns). It gathers the
-   x rows of its pairs straight from x (no permuted copy), scales them by the router weight
-   on load, and keeps two accumulators, gate columns [n, n + BLOCK_N) and up columns
-   I + [n, n + BLOCK_N), so the epilogue writes silu(gate) * up: h [P, I] in x's dtype.
+   x rows of its pairs straight from x (no permuted copy) and keeps two accumulators, gate
+   columns [n, n + BLOCK_N) and up columns I + [n, n + BLOCK_N). The epilogue scales both by
+   the router weight (w * (x @ B) is (x * w) @ B; scaling the A tile on load instead sends it
+   through registers, 24% slower at Scout T=8192 on an H100, benchmarks/results/tune_moe-*)
+   and writes silu(gate) * up: h [P, I] in x's dtype.
 3. down GEMM: h rows of the block's pairs @ down_proj[e]. With top_k == 1 it writes
    out[token] directly (no atomics); with top_k > 1 it writes fp32 partial rows [P, H] and a
    small combine kernel sums each token's k rows in a fixed order (deterministic).
@@ -49,6 +52,9 @@ CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "moe_h100.json"
 _MAX_SPLIT_K = 8
 _MIN_K_TILES_PER_SPLIT = 4
 _COMBINE_BLOCK_N = 1024
+# Up to this many (token, slot) pairs, fused_moe skips the dispatch metadata: one row block of
+# up to 64 rows holds every pair, and each GEMM program indexes its expert directly.
+DIRECT_MAX_PAIRS = 64
 
 
 # Arguments that change with the batch are not specialized (on ==1 or %16), so a new batch size
@@ -67,8 +73,7 @@ def _moe_gemm_kernel(
     A_ROW_DIV: tl.constexpr,   # A row of pair p is p // A_ROW_DIV (top_k for x, 1 for h)
     DIRECT: tl.constexpr,      # all pairs in one row block; program m serves pair m's expert
     GATED: tl.constexpr,       # gate_up: two accumulators, columns n and N + n of B
-    SCALE_A: tl.constexpr,     # router weight multiplies the A rows (on load, in fp32)
-    SCALE_C: tl.constexpr,     # router weight multiplies the output rows (epilogue)
+    SCALE_C: tl.constexpr,     # router weight multiplies the GEMM result rows (epilogue)
     C_PARTIAL: tl.constexpr,   # store fp32 partials (split K or top_k > 1) instead of final rows
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -109,7 +114,7 @@ def _moe_gemm_kernel(
     valid_expert = (expert >= 0) & (expert < num_experts)
     pairs = pairs.to(tl.int64)
     a_rows = pairs // A_ROW_DIV
-    if SCALE_A or SCALE_C:
+    if SCALE_C:
         router_w = tl.load(topk_weights_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
 
     # -- this split's K range (whole K tiles).
@@ -130,9 +135,6 @@ def _moe_gemm_kernel(
         kk = k0 + offs_k
         a_mask = row_mask[:, None] & (kk < K)[None, :]
         a = tl.load(a_rows_ptrs + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
-        if SCALE_A:
-            # As the reference: x * w in fp32, rounded to the activation dtype for the dot.
-            a = (a.to(tl.float32) * router_w[:, None]).to(b_ptr.dtype.element_ty)
         b_ptrs = b_base + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn
         b_mask = (kk < K)[:, None] & n_mask[None, :]
         acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
@@ -144,6 +146,10 @@ def _moe_gemm_kernel(
     c_ptrs = (c_ptr + pid_s.to(tl.int64) * c_split_stride
               + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn)
     c_mask = row_mask[:, None] & n_mask[None, :]
+    if SCALE_C:  # the router weight on the GEMM result rows: w * (a @ B) == (w * a) @ B
+        acc = acc * router_w[:, None]
+        if GATED:
+            acc_up = acc_up * router_w[:, None]
     if GATED:
         if C_PARTIAL:
             tl.store(c_ptrs, acc, mask=c_mask)
@@ -152,8 +158,6 @@ def _moe_gemm_kernel(
             h = acc * tl.sigmoid(acc) * acc_up
             tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=c_mask)
     else:
-        if SCALE_C:
-            acc = acc * router_w[:, None]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
@@ -296,6 +300,7 @@ def _split_k(cfg: GemmConfig, row_blocks: int, n: int, k: int, num_sms: int) -> 
     return split if busiest[split] < 0.9 * busiest[1] else 1
 
 
+@functools.lru_cache(maxsize=4096)  # a decode loop asks for the same config every step: ~25 us saved
 def select_config(num_tokens: int, top_k: int, E: int, H: int, I: int, dtype: torch.dtype, *,
                   num_sms: int, use_table: bool) -> MoeConfig:
     """The launch config of one call: the table bucket (or heuristic) for tokens per expert
@@ -307,6 +312,8 @@ def select_config(num_tokens: int, top_k: int, E: int, H: int, I: int, dtype: to
         cfg = next(c for bound, c in rows if tpe <= bound)
     else:
         cfg = _heuristic_config(tpe, H, I, dtype.itemsize)
+    if cfg.block_m < pairs <= DIRECT_MAX_PAIRS:  # decode: one row block for all, no metadata
+        cfg = replace(cfg, block_m=triton.next_power_of_2(pairs))
     # Row blocks that will really run: at most one per expert when pairs are few (decode),
     # about pairs / block_m when many.
     row_blocks = max(min(pairs, E), triton.cdiv(pairs, cfg.block_m))
@@ -355,8 +362,9 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     topk_weights:  [T, k] float (any float dtype; used in fp32).
     topk_ids:      [T, k] int32/int64 expert ids. On CUDA, ids outside [0, E) are skipped
                    (contribute nothing); on CPU they raise.
-    apply_router_weight_on_input: Llama 4's convention, the expert input is x * w (computed
-                   in fp32, rounded to x's dtype); otherwise the expert output is scaled by w.
+    apply_router_weight_on_input: Llama 4's convention, the expert input is x * w (applied as
+                   w * (x @ gate_up) on the fp32 accumulators: the same product, one rounding
+                   fewer); otherwise the expert output is scaled by w.
     out:           optional [T, H] tensor with hidden_states' dtype and device, any strides,
                    that receives the result (every element is written).
 
@@ -419,7 +427,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
         w13, w13.stride(0), w13.stride(1), w13.stride(2),
         y1, y1.stride(-2), y1.stride(-1), y1.stride(0) if g.split_k > 1 else 0,
         *routing_args, I, H, g.split_k,
-        A_ROW_DIV=top_k, GATED=True, SCALE_A=on_input, SCALE_C=False, C_PARTIAL=g.split_k > 1,
+        A_ROW_DIV=top_k, GATED=True, SCALE_C=on_input, C_PARTIAL=g.split_k > 1,
         BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
         num_warps=g.num_warps, num_stages=g.num_stages, **common)
     if g.split_k > 1:
@@ -437,7 +445,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
         w2, w2.stride(0), w2.stride(1), w2.stride(2),
         y2, y2.stride(-2), y2.stride(-1), y2.stride(0) if partial else 0,
         *routing_args, H, I, d.split_k,
-        A_ROW_DIV=1, GATED=False, SCALE_A=False, SCALE_C=not on_input, C_PARTIAL=partial,
+        A_ROW_DIV=1, GATED=False, SCALE_C=not on_input, C_PARTIAL=partial,
         BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
         num_warps=d.num_warps, num_stages=d.num_stages, **common)
     if partial:

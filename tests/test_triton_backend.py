@@ -83,12 +83,19 @@ def test_ops_inside_torch_compile_and_cuda_graphs():
 @pytest.mark.gpu
 @torch.no_grad()
 def test_patched_tiny_model_bf16_on_gpu():
+    """bf16 rounds differently along every path, so both bf16 models are held against the same
+    model in fp32: the patched one must be about as close to it as transformers itself."""
+    exact = tiny_hf_model(seed=23, dtype=torch.float32, device="cuda")
     model = tiny_hf_model(seed=23, dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(3, 1024, (2, 100), device="cuda")  # crosses chunks of 32
-    ref = model(ids).logits.float()
+    ref = exact(ids).logits
+
+    def err(logits):
+        return ((logits.float() - ref).norm() / ref.norm()).item()
+
+    unpatched = err(model(ids).logits)
     llama4_fast.patch(model)
     with registry.record() as calls:
-        got = model(ids).logits.float()
+        patched = err(model(ids).logits)
     assert calls[("fused_moe", "triton")] == 4 and calls[("attention", "triton")] == 4
-    err = ((got - ref).norm() / ref.norm()).item()
-    assert err < 2e-2, f"relative logit error {err:.3g}"
+    assert patched < 1.5 * unpatched + 1e-3, f"patched bf16 error {patched:.3g} vs transformers' own {unpatched:.3g}"

@@ -1,0 +1,107 @@
+"""Sweep fused_moe launch configs on a GPU: the data behind kernels/configs/moe_h100.json.
+
+Each candidate is timed replayed from a CUDA graph (kernel time, no host overhead) and checked
+against the default config's output. One gate_up/down GEMM is varied at a time around the
+current choice. Prints a table per case and writes benchmarks/results/tune_moe-<gpu>-<time>.json.
+
+    python benchmarks/tune_moe.py                   # the default cases (~2 minutes on an H100)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, time_us, write_results  # noqa: E402
+
+from llama4_fast.kernels import moe, route  # noqa: E402
+from llama4_fast.kernels.moe import GemmConfig  # noqa: E402
+
+SHAPES = {"scout": (16, 5120, 8192), "maverick": (128, 5120, 8192)}
+# (shape, T): prefill where the target is compute, decode sizes where it is bandwidth.
+CASES = [("scout", 8192), ("scout", 1), ("maverick", 1), ("scout", 64), ("maverick", 64), ("maverick", 32)]
+PREFILL_GEMMS = {
+    "gate_up": [GemmConfig(64, 64, 8, 8, 4), GemmConfig(64, 64, 8, 8, 3), GemmConfig(64, 128, 8, 8, 3),
+                GemmConfig(128, 64, 8, 8, 3)],
+    "down": [GemmConfig(256, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 4), GemmConfig(128, 128, 8, 8, 3),
+             GemmConfig(256, 64, 8, 8, 4), GemmConfig(128, 64, 8, 4, 4)],
+}
+DECODE_GEMMS = [GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 6), GemmConfig(64, 256, 1, 4, 3),
+                GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 8, 4), GemmConfig(128, 128, 1, 4, 4)]
+
+
+def graph_time(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return time_us(g.replay, warmup_ms=10, rep_ms=60)
+
+
+def run_case(shape: str, T: int, epilogue_modes) -> list[dict]:
+    E, H, I = SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    w13 = torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(0.02)
+    w2 = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(0.02)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+    weights, ids = route(torch.randn(T, E, device="cuda", dtype=torch.bfloat16, generator=gen), 1)
+    base = moe.launch_config(x, w13, w2, 1)
+    ref = moe._launch(x, w13, w2, weights, ids, True, torch.empty_like(x), base).float()
+    candidates = [("default", base)]
+    if T >= 1024:
+        for name in ("gate_up", "down"):
+            candidates += [(f"{name}={g}", replace(base, **{name: replace(g, split_k=getattr(base, name).split_k)}))
+                           for g in PREFILL_GEMMS[name]]
+    else:
+        for name in ("gate_up", "down"):
+            candidates += [(f"{name}={g}", replace(base, **{name: replace(g, split_k=getattr(base, name).split_k)}))
+                           for g in DECODE_GEMMS]
+        candidates += [(f"direct BM={bm}", replace(base, block_m=bm)) for bm in (32, 64) if 16 < T <= bm]
+        candidates += [("no split", replace(base, gate_up=replace(base.gate_up, split_k=1),
+                                            down=replace(base.down, split_k=1)))]
+    rows = []
+    for epilogue in epilogue_modes:
+        moe.SCALE_IN_EPILOGUE = epilogue
+        for label, cfg in candidates:
+            out = torch.empty_like(x)
+            row = {"shape": shape, "T": T, "scale_in_epilogue": epilogue, "config": label}
+            try:
+                row["us"] = graph_time(lambda: moe._launch(x, w13, w2, weights, ids, True, out, cfg))
+                row["err"] = ((out.float() - ref).norm() / ref.norm()).item()
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(f"  {shape} T={T} epi={epilogue:d} {label}: {row.get('us', float('nan')):.1f} us "
+                  f"err {row.get('err', float('nan')):.1e} {row.get('error', '')}", flush=True)
+    best = min((r for r in rows if "us" in r and r["err"] < 2e-2), key=lambda r: r["us"], default=None)
+    if best:
+        best["best"] = True
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_moe.py needs a CUDA GPU")
+        return
+    rows = []
+    for shape, T in CASES:
+        rows += run_case(shape, T, (False, True) if T >= 1024 else (True,))
+        torch.cuda.empty_cache()
+    cols = [("shape", "shape", ""), ("T", "T", ""), ("scale_in_epilogue", "scale in epilogue", ""),
+            ("config", "config", ""), ("us", "graph us", ".1f"), ("err", "err", ".1e"), ("best", "best", "")]
+    print(markdown_table(rows, cols))
+    print(write_results("tune_moe", {"cases": rows}))
+
+
+if __name__ == "__main__":
+    main()
