@@ -6,6 +6,7 @@ side in one run, each starting from the router logits:
   dense       transformers' Llama4TextExperts: every expert on every token (bmm), scores from
               the same top-k/sigmoid router
   loop        per active expert: index-select its tokens, two matmuls, index_add back
+              (llama4_fast's torch reference backend)
   grouped_mm  torch._grouped_mm over expert-sorted tokens (sm90+, where torch has it)
 plus the routing overhead alone (route + dispatch metadata) and a row set with the shared
 expert (ours + a plain SwiGLU MLP). The roofline counts the bytes of the experts the routing
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import device, markdown_table, measure_ceilings, roofline, rotating, time_us, write_results  # noqa: E402
 
+from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import fused_moe, route  # noqa: E402
 from llama4_fast.kernels.moe import launch_config  # noqa: E402
 from llama4_fast.kernels.routing import dispatch_metadata  # noqa: E402
@@ -87,24 +89,10 @@ def dense(x, logits, w13, w2):
 
 
 def loop(x, logits, w13, w2):
-    """Per active expert: gather its tokens, two matmuls, scatter-add (host sync on counts)."""
-    weights, ids = torch_router(logits, TOP_K)
-    inter = w2.shape[1]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    out = torch.zeros_like(x)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs = order[start:start + n]
-        start += n
-        rows = pairs // TOP_K
-        xe = (x[rows].float() * weights.reshape(-1)[pairs, None]).to(x.dtype)
-        gate_up = xe @ w13[e]
-        out.index_add_(0, rows, (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w2[e])
-    return out
+    """llama4_fast's torch backend: per active expert, gather its tokens, two matmuls,
+    index_add back (a host sync on the per-expert counts)."""
+    weights, ids = torch_ref.route(logits, TOP_K)
+    return torch_ref.fused_moe(x, w13, w2, weights, ids)
 
 
 def grouped_mm(x, logits, w13, w2):

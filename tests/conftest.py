@@ -32,3 +32,16 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def torch_backend_on_cpu():
+    """Whole-model tests on CPU pin the torch backend: the interpreter would run the Triton
+    kernels, far too slowly for generation (tests/test_triton_backend.py covers them)."""
+    if HAS_CUDA:
+        yield
+    else:
+        from llama4_fast import registry
+
+        with registry.use("torch"):
+            yield

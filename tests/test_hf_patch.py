@@ -1,7 +1,7 @@
 """llama4_fast.patch on transformers' Llama 4 (tiny random configs, fp32) against unpatched.
 
 On CPU these pin the torch backend (the interpreter would run the Triton kernels, too slowly
-for whole-model generation); tests/test_end_to_end_triton.py covers the Triton backend.
+for whole-model generation); tests/test_triton_backend.py covers the Triton backend.
 """
 
 import logging
@@ -16,13 +16,7 @@ from llama4_fast.tiny import tiny_hf_model
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def reference_backend_on_cpu():
-    if torch.cuda.is_available():
-        yield
-    else:
-        with registry.use("torch"):
-            yield
+pytestmark = pytest.mark.usefixtures("torch_backend_on_cpu")
 
 
 SMALL = dict(hidden_size=128, intermediate_size=192, intermediate_size_mlp=256, attention_chunk_size=16)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from llama4_fast import Llama4, Llama4Config, registry
+from llama4_fast import Llama4, Llama4Config
 from llama4_fast.config import rope_inv_freq
 from llama4_fast.tiny import TINY_TEXT_CONFIG, tiny_hf_model
 
@@ -14,13 +14,7 @@ pytest.importorskip("transformers")
 SMALL = dict(hidden_size=128, intermediate_size=192, intermediate_size_mlp=256, attention_chunk_size=16)
 
 
-@pytest.fixture(autouse=True)
-def reference_backend_on_cpu():
-    if torch.cuda.is_available():
-        yield
-    else:
-        with registry.use("torch"):
-            yield
+pytestmark = pytest.mark.usefixtures("torch_backend_on_cpu")
 
 
 @pytest.fixture(scope="module")
