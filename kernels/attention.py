@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -399,22 +398,6 @@ def _num_splits(programs: int, max_keys: int, block_n: int, device: torch.device
     return next(n for n, e in enumerate(efficiency, start=1) if e >= 0.85 * best)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _check_out(out, q: torch.Tensor) -> None:
-    checks.tensor("out", out)
-    if out.shape != q.shape:
-        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
-    if out.dtype != q.dtype:
-        raise TypeError(f"out must have q's dtype {q.dtype}, got {out.dtype}")
-    if out.device != q.device:
-        raise ValueError(f"out is on {out.device} but q is on {q.device}")
-    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
-        raise ValueError("out must not be a broadcast (stride-0) view: its elements would overlap")
-
-
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,
                       scale: float | None = None, kv_start: int | torch.Tensor = 0,
                       out: torch.Tensor | None = None) -> torch.Tensor:
@@ -444,7 +427,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
     Hkv, Skv = k.shape[1], k.shape[2]
     if not supports_head_dim(D):
         raise ValueError(f"head dim D={D} is not supported (1 <= D <= 256)")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and _interpreting()):
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and checks.interpreting()):
         raise ValueError(f"q is on {q.device}: chunked_attention needs CUDA tensors "
                          "(or CPU tensors with TRITON_INTERPRET=1)")
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
@@ -463,7 +446,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
     if out is None:
         out = torch.empty_like(q)  # q's layout when dense (what the custom op's fake returns)
     else:
-        _check_out(out, q)
+        checks.out_like(out, q, "q")
     if out.numel() == 0:
         return out
 

@@ -8,6 +8,8 @@ on CUDA the kernels skip out-of-range ids instead, so decode stays free of host 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -123,3 +125,22 @@ def rms_norm_args(x, weight, eps):
             raise ValueError(f"weight has {weight.shape[0]} elements but x's last dimension is {x.shape[-1]}")
     if not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its interpreter (CPU tensors are then valid)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def out_like(out, like: torch.Tensor, like_name: str):
+    """`out` must be a tensor with `like`'s shape, dtype and device, and no broadcast
+    (stride-0) dimension, whose elements would overlap when written."""
+    tensor("out", out)
+    if out.shape != like.shape:
+        raise ValueError(f"out must have {like_name}'s shape {tuple(like.shape)}, got {tuple(out.shape)}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"out must have {like_name}'s dtype {like.dtype}, got {out.dtype}")
+    if out.device != like.device:
+        raise ValueError(f"out is on {out.device} but {like_name} is on {like.device}")
+    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
+        raise ValueError("out must not be a broadcast (stride-0) view: its elements would overlap")

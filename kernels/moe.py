@@ -338,18 +338,6 @@ def _use_table(device: torch.device) -> bool:
 # launcher
 # ----------------------------------------------------------------------------------------------
 
-def _check_out(out, hidden_states):
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
-    if tuple(out.shape) != tuple(hidden_states.shape):
-        raise ValueError(f"out must be [T, H] = {tuple(hidden_states.shape)} like hidden_states, "
-                         f"got {tuple(out.shape)}")
-    if out.dtype != hidden_states.dtype:
-        raise TypeError(f"out must have hidden_states' dtype {hidden_states.dtype}, got {out.dtype}")
-    if out.device != hidden_states.device:
-        raise ValueError(f"out is on {out.device} but hidden_states is on {hidden_states.device}")
-
-
 def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
               apply_router_weight_on_input: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -376,7 +364,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
     else:
-        _check_out(out, hidden_states)
+        checks.out_like(out, hidden_states, "hidden_states")
     if hidden_states.shape[0] == 0:
         return out
     cfg = launch_config(hidden_states, gate_up_proj, down_proj, topk_ids.shape[1])

@@ -9,8 +9,6 @@ registry falls through to the `torch` backend.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from llama4_fast import kernels, registry
@@ -18,14 +16,10 @@ from llama4_fast import kernels, registry
 PRIORITY = 10  # preferred over the torch reference wherever it supports the inputs
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _supported(*tensors: torch.Tensor) -> bool:
     if all(t.is_cuda for t in tensors):
         return True
-    if _interpreting() and all(t.device.type == "cpu" for t in tensors):
+    if kernels.checks.interpreting() and all(t.device.type == "cpu" for t in tensors):
         return not any(t.dtype == torch.bfloat16 for t in tensors)
     return False
 
