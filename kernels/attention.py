@@ -2,7 +2,7 @@
 
 Public entry points
 -------------------
-``chunked_attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, out=None)``
+``chunked_attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None, out=None)``
     q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D]; float16 / bfloat16 / float32, one dtype for all.
     Returns [B, Hq, Sq, D] in q's dtype (written into ``out`` when given). Any strides are
     accepted (transformers hands over [B, S, H, D] storage transposed to [B, H, S, D]), so
@@ -11,7 +11,9 @@ Public entry points
     the last Sq positions; a query at position p sees keys at positions s with
     ``0 <= s <= p`` and, when chunk_size=C, ``s // C == p // C``. Query h reads KV head
     ``h // (Hq // Hkv)`` (GQA, K/V never repeated). A query that sees no key (a padding row
-    at a negative position) returns zeros. scale defaults to D ** -0.5.
+    at a negative position) returns zeros. scale defaults to D ** -0.5. ``kv_len`` (an int
+    tensor [B]) makes only the first kv_len[b] keys of sequence b exist: a static KV-cache
+    buffer is passed whole and the valid length stays on the device (CUDA-graph decode).
 ``supports_head_dim(d) -> bool``
     Any head dim 1..256; non-powers of two run in a padded tile with masked loads.
 
@@ -180,7 +182,7 @@ def _attend_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, k_offs, v_offs, stride_kn, str
 
 @triton.jit(do_not_specialize=["kv_start_int", "seq_q", "seq_kv"])
 def _attn_fwd(
-    Q, K, V, Out, PartialO, PartialLSE, KVStart,
+    Q, K, V, Out, PartialO, PartialLSE, KVStart, KVLen,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -194,6 +196,7 @@ def _attn_fwd(
     BLOCK_D: tl.constexpr,        # next power of two >= max(HEAD_DIM, 16)
     CHUNKED: tl.constexpr,        # chunk_size is set (Llama 4 RoPE layers)
     KV_START_TENSOR: tl.constexpr,  # kv_start is a [B] tensor (else the scalar kv_start_int)
+    KV_LEN_TENSOR: tl.constexpr,  # sequence b has KVLen[b] <= seq_kv keys (else seq_kv)
     SPLIT: tl.constexpr,          # write partials for _merge_splits instead of Out
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -211,6 +214,8 @@ def _attn_fwd(
         kv_start = tl.load(KVStart + b).to(tl.int32)
     else:
         kv_start = kv_start_int
+    if KV_LEN_TENSOR:
+        seq_kv = tl.load(KVLen + b).to(tl.int32)
     off = seq_kv - seq_q  # key index of query 0's own position
     total_rows = seq_q * PACK
 
@@ -400,7 +405,7 @@ def _num_splits(programs: int, max_keys: int, block_n: int, device: torch.device
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,
                       scale: float | None = None, kv_start: int | torch.Tensor = 0,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      kv_len: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal, optionally chunked, grouped-query flash attention.
 
     Args:
@@ -411,6 +416,11 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
         scale: softmax scale, default D ** -0.5.
         kv_start: absolute position of key 0: an int, or an int32/int64 tensor [B] on q's
             device (per-sequence starts; negative starts mean left padding).
+        kv_len: None (all Skv keys exist), or an int32/int64 tensor [B] on q's device with
+            Sq <= kv_len[b] <= Skv: only keys 0..kv_len[b]-1 of sequence b exist and its queries
+            are the last Sq of those. Lets a decode step read a static cache buffer whose fill
+            level lives on the device (no host sync, capturable in a CUDA graph). Work is
+            planned for Skv keys; tiles past kv_len[b] are skipped, not read.
         out: optional [B, Hq, Sq, D] output in q's dtype and device (any strides, must not
             overlap q, k or v).
 
@@ -422,7 +432,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
     Sq <= DECODE_MAX_Q takes the decode layout (GQA group packed into the rows); either path
     splits the key range (flash-decoding) when the grid alone would leave SMs idle.
     """
-    checks.attention_args(q, k, v, chunk_size, scale, kv_start)
+    checks.attention_args(q, k, v, chunk_size, scale, kv_start, kv_len)
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     if not supports_head_dim(D):
@@ -477,12 +487,12 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
     kv_tensor = isinstance(kv_start, torch.Tensor)
     scale = D ** -0.5 if scale is None else float(scale)
     _attn_fwd[(m_blocks, B * head_groups, splits)](
-        q, k, v, out, partial_o, partial_lse, kv_start if kv_tensor else q,
+        q, k, v, out, partial_o, partial_lse, kv_start if kv_tensor else q, q if kv_len is None else kv_len,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         0 if kv_tensor else kv_start, Sq, Skv, head_groups,
         1 if chunk_size is None else min(chunk_size, 2**31 - 1), scale * _LOG2E,
         GROUP=group, PACK=pack, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        CHUNKED=chunk_size is not None, KV_START_TENSOR=kv_tensor, SPLIT=split,
+        CHUNKED=chunk_size is not None, KV_START_TENSOR=kv_tensor, KV_LEN_TENSOR=kv_len is not None, SPLIT=split,
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

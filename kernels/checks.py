@@ -85,8 +85,9 @@ def moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids):
             raise ValueError(f"topk_ids must lie in [0, {E}), got values in [{lo}, {hi}]")
 
 
-def attention_args(q, k, v, chunk_size, scale, kv_start):
-    """Shapes: q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D]; Hq % Hkv == 0; Sq <= Skv."""
+def attention_args(q, k, v, chunk_size, scale, kv_start, kv_len=None):
+    """Shapes: q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D]; Hq % Hkv == 0; Sq <= Skv;
+    kv_len None or an int tensor [B] with Sq <= kv_len <= Skv (checked when it is on the CPU)."""
     tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
     tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES)
@@ -115,6 +116,16 @@ def attention_args(q, k, v, chunk_size, scale, kv_start):
         same_device(q=q, kv_start=kv_start)
     elif isinstance(kv_start, bool) or not isinstance(kv_start, int):
         raise TypeError(f"kv_start must be an int or an int tensor [B], got {type(kv_start).__name__}")
+    if kv_len is not None:
+        if not isinstance(kv_len, torch.Tensor):
+            raise TypeError(f"kv_len must be None or an int tensor [B], got {type(kv_len).__name__}")
+        tensor("kv_len", kv_len, ndim=1, dtypes=(torch.int32, torch.int64))
+        if kv_len.shape[0] != B:
+            raise ValueError(f"kv_len must be a [B={B}] tensor, got shape {tuple(kv_len.shape)}")
+        same_device(q=q, kv_len=kv_len)
+        # A device tensor is not read back (that would sync the host): its range is the caller's.
+        if kv_len.device.type == "cpu" and B and not bool(((kv_len >= Sq) & (kv_len <= Skv)).all()):
+            raise ValueError(f"kv_len must lie in [Sq={Sq}, Skv={Skv}], got {kv_len.tolist()}")
 
 
 def rms_norm_args(x, weight, eps):

@@ -43,7 +43,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,
-              scale: float | None = None, kv_start: int | torch.Tensor = 0) -> torch.Tensor:
+              scale: float | None = None, kv_start: int | torch.Tensor = 0,
+              kv_len: torch.Tensor | None = None) -> torch.Tensor:
     """Causal (optionally chunked) attention with grouped KV heads.
 
     q [B, Hq, Sq, D]; k, v [B, Hkv, Skv, D] with Hq a multiple of Hkv (query head h reads KV
@@ -55,9 +56,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: 
     never attended. A query at position p attends keys at positions s with 0 <= s <= p, and,
     when chunk_size=C is set, s // C == p // C (Llama 4's chunked layers). A query that sees no
     key (a padding row) returns zeros. scale defaults to D ** -0.5.
+
+    kv_len: None, or an int tensor [B] with Sq <= kv_len[b] <= Skv: only the first kv_len[b]
+    keys of sequence b exist (its queries are the last Sq of those). A decode step passes the
+    whole static cache buffer and keeps the fill level on the device (CUDA graphs, no sync).
     """
-    checks.attention_args(q, k, v, chunk_size, scale, kv_start)
-    return registry.call("attention", q, k, v, chunk_size=chunk_size, scale=scale, kv_start=kv_start)
+    checks.attention_args(q, k, v, chunk_size, scale, kv_start, kv_len)
+    return registry.call("attention", q, k, v, chunk_size=chunk_size, scale=scale, kv_start=kv_start,
+                         kv_len=kv_len)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

@@ -130,6 +130,55 @@ def test_decode_split_kv(device, monkeypatch, Sq, chunk, splits):
     check(q, k, v, chunk_size=chunk, kv_start=starts)
 
 
+def check_kv_len(attend, q, k, v, kv_len, *, chunk_size=None, kv_start=0):
+    """kv_len: sequence b owns keys [0, kv_len[b]); the cache tail past it is NaN, so any read
+    of a key that does not exist poisons the output. Reference: each sequence on its own."""
+    Sq = q.shape[2]
+    k, v = k.clone(), v.clone()
+    for b, n in enumerate(kv_len.tolist()):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+    got = attend(q, k, v, chunk_size=chunk_size, kv_start=kv_start, kv_len=kv_len)
+    starts = kv_start.tolist() if isinstance(kv_start, torch.Tensor) else [kv_start] * q.shape[0]
+    for b, n in enumerate(kv_len.tolist()):
+        ref, _ = reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], chunk_size=chunk_size, kv_start=starts[b])
+        assert_close(got[b:b + 1], ref, dtype=q.dtype)
+    assert got.shape[2] == Sq
+
+
+@pytest.mark.parametrize("Sq", [1, 4, 40])
+@pytest.mark.parametrize("chunk", [None, 24])
+@pytest.mark.parametrize("splits", [1, 5])
+def test_kv_len_static_cache(device, monkeypatch, Sq, chunk, splits):
+    """A static cache buffer of 160 slots filled to a different level per sequence (decode and
+    prefill layouts, with and without splits, one sequence filled exactly to Sq)."""
+    force_splits(monkeypatch, splits)
+    q, k, v = make_qkv(3, 10, 2, Sq, 160, 16, torch.float16, device)
+    kv_len = torch.tensor([Sq, 97, 160], dtype=torch.int32, device=device)
+    check_kv_len(chunked_attention, q, k, v, kv_len, chunk_size=chunk, kv_start=torch.tensor([0, -20, 30], device=device))
+
+
+def test_kv_len_torch_backend(device):
+    from llama4_fast.backends import torch_ref
+
+    q, k, v = make_qkv(2, 4, 2, 3, 50, 16, torch.float32, device)
+    check_kv_len(torch_ref.attention, q, k, v, torch.tensor([3, 41], device=device), chunk_size=16, kv_start=7)
+
+
+def test_kv_len_bad_inputs(device):
+    q, k, v = make_qkv(2, 4, 2, 4, 8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="kv_len must lie in"):
+        chunked_attention(q, k, v, kv_len=torch.tensor([3, 8]))
+    with pytest.raises(ValueError, match="kv_len must lie in"):
+        chunked_attention(q, k, v, kv_len=torch.tensor([4, 9]))
+    with pytest.raises(ValueError, match="kv_len must be a \\[B=2\\]"):
+        chunked_attention(q, k, v, kv_len=torch.tensor([4]))
+    with pytest.raises(TypeError, match="kv_len"):
+        chunked_attention(q, k, v, kv_len=5)
+    with pytest.raises(TypeError, match="kv_len"):
+        chunked_attention(q, k, v, kv_len=torch.tensor([4.0, 5.0]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_default_plan_splits(device, dtype):
     """Without forcing, one sequence over a long cache is split (flash-decoding) and merged."""
@@ -266,9 +315,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         sig = {n: "i32" for n in A._attn_fwd.arg_names}
         for n in ("Q", "K", "V", "Out"):
             sig[n] = "*" + dtype
-        sig.update(PartialO="*fp32", PartialLSE="*fp32", KVStart="*i64", qk_scale="fp32")
+        sig.update(PartialO="*fp32", PartialLSE="*fp32", KVStart="*i64", KVLen="*i32", qk_scale="fp32")
         const = dict(GROUP=5, PACK=5 if decode else 1, HEAD_DIM=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                     BLOCK_D=128, CHUNKED=True, KV_START_TENSOR=decode, SPLIT=split, INPUT_PRECISION="tf32",
+                     BLOCK_D=128, CHUNKED=True, KV_START_TENSOR=decode, KV_LEN_TENSOR=decode, SPLIT=split,
+                     INPUT_PRECISION="tf32",
                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
         sig.update({n: "constexpr" for n in const})
         # what a launch specialises: 16-byte aligned pointers, strides/chunk divisible by 16

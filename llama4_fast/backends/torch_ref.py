@@ -72,13 +72,15 @@ def key_positions_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: 
 
 
 @registry.register("attention", "torch")
-def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0):
+def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None):
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     group = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     starts = kv_start.long().view(B, 1) if isinstance(kv_start, torch.Tensor) else \
         torch.full((B, 1), kv_start, dtype=torch.long, device=q.device)
+    if kv_len is not None:  # keys past kv_len[b] do not exist; read on the device, no sync
+        return _attention_with_lengths(q, k, v, chunk_size, scale, starts, kv_len.long().view(B, 1))
     first_query = Skv - Sq
     # [B, Hkv, group, Sq, D]: query heads of one KV head are adjacent, so no K/V copy is needed.
     qg = q.reshape(B, Hkv, group, Sq, D)
@@ -97,6 +99,22 @@ def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0):
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
         out[:, :, :, i0:i1] = torch.matmul(probs, v[:, :, None, lo:hi].float()).to(q.dtype)
     return out.reshape(B, Hq, Sq, D)
+
+
+def _attention_with_lengths(q, k, v, chunk_size, scale, starts, kv_len):
+    """attention over the first kv_len[b] keys of each sequence, queries the last Sq of them."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    keys = torch.arange(Skv, device=q.device)
+    q_idx = kv_len - Sq + torch.arange(Sq, device=q.device)  # [B, Sq] key index of each query
+    visible = key_positions_visible(starts + q_idx, starts + keys, chunk_size) & (keys < kv_len)[:, None, :]
+    qg = q.reshape(B, Hkv, Hq // Hkv, Sq, D).float()
+    scores = torch.matmul(qg, k[:, :, None].float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    # Zero the slots past kv_len: 0 * (whatever a stale cache slot holds) must not be NaN.
+    values = v.float().masked_fill((keys >= kv_len)[:, None, :, None], 0.0)
+    return torch.matmul(probs, values[:, :, None]).to(q.dtype).reshape(B, Hq, Sq, D)
 
 
 @registry.register("rms_norm", "torch")

@@ -53,13 +53,14 @@ def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_rout
 # A custom-op schema cannot take "int or Tensor", so kv_start travels as both.
 @torch.library.custom_op("llama4_fast::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None, scale: float | None,
-               kv_start_int: int, kv_start_tensor: torch.Tensor | None) -> torch.Tensor:
+               kv_start_int: int, kv_start_tensor: torch.Tensor | None,
+               kv_len: torch.Tensor | None) -> torch.Tensor:
     kv_start = kv_start_int if kv_start_tensor is None else kv_start_tensor
-    return kernels.chunked_attention(q, k, v, chunk_size=chunk_size, scale=scale, kv_start=kv_start)
+    return kernels.chunked_attention(q, k, v, chunk_size=chunk_size, scale=scale, kv_start=kv_start, kv_len=kv_len)
 
 
 @_attention.register_fake
-def _(q, k, v, chunk_size, scale, kv_start_int, kv_start_tensor):
+def _(q, k, v, chunk_size, scale, kv_start_int, kv_start_tensor, kv_len):
     return torch.empty_like(q)
 
 
@@ -71,10 +72,10 @@ def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
     return _fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_router_weight_on_input)
 
 
-def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0):
+def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None):
     if isinstance(kv_start, torch.Tensor):
-        return _attention(q, k, v, chunk_size, scale, 0, kv_start)
-    return _attention(q, k, v, chunk_size, scale, kv_start, None)
+        return _attention(q, k, v, chunk_size, scale, 0, kv_start, kv_len)
+    return _attention(q, k, v, chunk_size, scale, kv_start, None, kv_len)
 
 
 registry.register("route", "triton", route, priority=PRIORITY,
