@@ -7,6 +7,11 @@ and `Llama4.from_hf` can share a loaded transformers model's parameters without 
 Shapes: B batch, S new tokens, H hidden, Hq/Hkv query/KV heads, D head dim, E experts,
 I expert intermediate size. Positions are absolute: token s of a call at `start_pos` sits at
 position start_pos + s, the same for every sequence of the batch.
+
+Two ways to call a layer: `start_pos` a Python int (prefill, any S, the cache slices it needs
+on the host), or a 0-d int64 tensor on the model's device (a decode step, S = 1): every shape
+is then fixed and the cache's fill level stays on the device, so the step runs without host
+synchronisation and `generate` captures it once in a CUDA graph and replays it per token.
 """
 
 from __future__ import annotations
@@ -45,6 +50,19 @@ class KVCache(nn.Module):
         self.chunk_size = chunk_size
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write_step(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Decode: store k, v [B, Hkv, 1, D] at device position `pos` (0-d int64); return
+        (keys, values, kv_start [B], kv_len [B]) over the whole buffer, the arguments of
+        `ops.attention` with fixed shapes (nothing is read back to the host)."""
+        B = k.shape[0]
+        slot = pos if self.chunk_size is None else pos % self.chunk_size
+        kc, vc = self.k[:B], self.v[:B]
+        kc.index_copy_(2, slot.view(1), k)
+        vc.index_copy_(2, slot.view(1), v)
+        kv_len = (slot + 1).to(torch.int32).view(1).repeat(B)
+        kv_start = (pos - slot).to(torch.int32).view(1).repeat(B)  # the chunk start; 0 on global layers
+        return kc, vc, kv_start, kv_len
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, Hkv, S, D] for positions pos..pos+S-1; return (keys, values, kv_start)
@@ -92,7 +110,7 @@ class Attention(nn.Module):
         self.temperature = (cfg.floor_scale, cfg.attn_scale) if (cfg.attn_temperature_tuning and not self.use_rope) else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, start_pos: int, cos, sin):
+    def forward(self, x, start_pos: int | torch.Tensor, cos, sin):
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
@@ -103,17 +121,20 @@ class Attention(nn.Module):
                 q, k = ops.rms_norm(q, None, self.qk_norm_eps), ops.rms_norm(k, None, self.qk_norm_eps)
         elif self.temperature is not None:
             floor_scale, attn_scale = self.temperature
-            pos = torch.arange(start_pos, start_pos + S, device=x.device, dtype=torch.float32)
+            pos = (torch.arange(S, device=x.device) + start_pos).float()
             scale = torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
             q = (q * scale[None, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if self.kv_cache is None:
+        kv_len = None
+        if isinstance(start_pos, torch.Tensor):
+            keys, values, kv_start, kv_len = self.kv_cache.write_step(start_pos, k, v)
+        elif self.kv_cache is None:
             if start_pos != 0:
                 raise ValueError("start_pos > 0 needs a KV cache: call setup_caches first")
             keys, values, kv_start = k, v, 0
         else:
             keys, values, kv_start = self.kv_cache.update(start_pos, k, v)
-        out = ops.attention(q, keys, values, chunk_size=self.chunk_size, kv_start=kv_start)
+        out = ops.attention(q, keys, values, chunk_size=self.chunk_size, kv_start=kv_start, kv_len=kv_len)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -182,6 +203,7 @@ class Llama4(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.max_batch_size = self.max_seq_len = 0
+        self._decode_steps: dict[tuple[int, bool], DecodeStep] = {}
 
     # -- caches ------------------------------------------------------------------------------
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype=None, device=None):
@@ -195,23 +217,34 @@ class Llama4(nn.Module):
             attn.kv_cache = KVCache(max_batch_size, cfg.num_key_value_heads, length, cfg.head_dim, dtype, device,
                                     attn.chunk_size)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self._decode_steps = {}  # captured graphs point into the old buffers
 
     def clear_caches(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
         self.max_batch_size = self.max_seq_len = 0
+        self._decode_steps = {}
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, *, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *,
+                last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] at positions start_pos.. (start_pos > 0 needs setup_caches).
+        start_pos may be a 0-d int64 tensor on the model's device for a decode step (S = 1,
+        caches set up; the position is not checked against the caches, as that would sync).
         last_only=True returns logits for the last position only, [B, 1, vocab]."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, S], got shape {tuple(tokens.shape)}")
         B, S = tokens.shape
-        if self.max_batch_size and (B > self.max_batch_size or start_pos + S > self.max_seq_len):
+        if isinstance(start_pos, torch.Tensor):
+            if S != 1 or start_pos.dim() != 0 or start_pos.dtype != torch.int64 or not self.max_batch_size:
+                raise ValueError("a tensor start_pos is for decode steps: tokens [B, 1], a 0-d int64 "
+                                 "position, caches set up")
+            if B > self.max_batch_size:
+                raise ValueError(f"batch {B} exceeds the caches' {self.max_batch_size}")
+        elif self.max_batch_size and (B > self.max_batch_size or start_pos + S > self.max_seq_len):
             raise ValueError(f"batch {B} x positions up to {start_pos + S} exceed the caches "
                              f"({self.max_batch_size} x {self.max_seq_len}); call setup_caches again")
-        pos = torch.arange(start_pos, start_pos + S, device=tokens.device, dtype=torch.float32)
+        pos = (torch.arange(S, device=tokens.device) + start_pos).float()
         freqs = pos[:, None] * self.inv_freq[None, :]
         cos, sin = torch.cos(freqs)[None], torch.sin(freqs)[None]
         x = self.embed_tokens(tokens)
@@ -222,35 +255,76 @@ class Llama4(nn.Module):
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, start_pos: int = 0, *, piece: int | None = None) -> torch.Tensor:
+        """Run a prompt [B, S] through the caches in pieces of at most `piece` tokens (default:
+        the attention chunk, 8192 for Llama 4), so activations stay bounded on long prompts;
+        returns the last position's logits [B, vocab]."""
+        piece = piece or self.config.attention_chunk_size or 8192
+        if piece < 1:
+            raise ValueError(f"piece must be >= 1, got {piece}")
+        S = tokens.shape[1]
+        for s0 in range(0, S, piece):
+            logits = self(tokens[:, s0:s0 + piece], start_pos + s0, last_only=True)
+        return logits[:, -1]
+
+    def decode_step(self, batch_size: int, cuda_graph: bool | None = None) -> "DecodeStep":
+        """The decode step for `batch_size` sequences over the current caches: call it with the
+        tokens [B] and their position (int) to get the next logits [B, vocab]. On CUDA it is
+        captured in a CUDA graph on first use (cuda_graph=None means "when on CUDA") and reused
+        until the caches are set up again."""
+        use_graph = self.embed_tokens.weight.is_cuda if cuda_graph is None else cuda_graph
+        key = (batch_size, use_graph)
+        if key not in self._decode_steps:
+            self._decode_steps[key] = DecodeStep(self, batch_size, use_graph)
+        return self._decode_steps[key]
+
+    @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, prefill_piece: int | None = None,
+                 cuda_graph: bool | None = None) -> torch.Tensor:
         """Greedy (temperature=0) or sampled continuation of prompt [B, S] (or [S]).
+
+        The prompt is prefilled in pieces (see `prefill`); each new token is one `decode_step`
+        (a CUDA-graph replay on the GPU). Tokens stay on the device: the host reads nothing
+        back per token, only every 16 tokens whether every sequence has emitted eos.
+        Caches are reused when large enough for B x (S + max_new_tokens).
 
         Returns [B, S + n] with n <= max_new_tokens (fewer once every sequence emitted eos;
         sequences that finished early are padded with eos)."""
         if prompt.dim() == 1:
             return self.generate(prompt[None], max_new_tokens, temperature=temperature, top_k=top_k,
-                                 eos_token_id=eos_token_id, generator=generator)[0]
+                                 eos_token_id=eos_token_id, generator=generator, prefill_piece=prefill_piece,
+                                 cuda_graph=cuda_graph)[0]
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         B, S = prompt.shape
-        self.setup_caches(B, S + max_new_tokens)
-        out = [prompt]
+        if self.max_batch_size < B or self.max_seq_len < S + max_new_tokens:
+            self.setup_caches(B, S + max_new_tokens)
+        logits = self.prefill(prompt, piece=prefill_piece)
+        step = self.decode_step(B, cuda_graph)
+        new = torch.empty(B, max_new_tokens, dtype=prompt.dtype, device=prompt.device)
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
-        logits = self(prompt, 0, last_only=True)[:, -1]
-        for step in range(max_new_tokens):
+        n = max_new_tokens
+        for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, generator)
             if eos_token_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_token_id), token)
                 done |= token == eos_token_id
-            out.append(token[:, None])
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+            new[:, i] = token
+            if i + 1 == max_new_tokens:
                 break
-            logits = self(token[:, None], S + step, last_only=True)[:, -1]
-        return torch.cat(out, dim=1)
+            if eos_token_id is not None and (i + 1) % 16 == 0 and bool(done.all()):
+                n = i + 1
+                break
+            logits = step(token, S + i)
+        if eos_token_id is not None:  # cut after the step at which the last sequence finished
+            finished = (new[:, :n] == eos_token_id).int().cummax(dim=1).values.all(dim=0)
+            if bool(finished.any()):
+                n = int(finished.int().argmax()) + 1
+        return torch.cat([prompt, new[:, :n]], dim=1)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -292,6 +366,51 @@ def _from_parameters(cfg: Llama4Config, params: dict[str, torch.Tensor], source:
     ref = params["embed_tokens.weight"]
     model.inv_freq = rope_inv_freq(cfg).to(ref.device)
     return model.eval()
+
+
+class DecodeStep:
+    """One decode step of `model` for a fixed batch: (tokens [B], position int) -> logits
+    [B, vocab], the logits buffer being reused by the next call.
+
+    Inputs live in static device buffers and the position is a 0-d tensor, so the forward has
+    fixed shapes and no host synchronisation. With `cuda_graph`, the first call warms the step
+    up on a side stream (compiling the Triton kernels; it writes the KV slot of the position
+    the real step rewrites) and captures it; every call then copies the inputs and replays.
+    """
+
+    def __init__(self, model: Llama4, batch_size: int, cuda_graph: bool):
+        device = model.embed_tokens.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        self.model, self.cuda_graph = model, cuda_graph
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _run(self) -> torch.Tensor:
+        return self.model(self.tokens, self.pos, last_only=True)[:, -1]
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        if pos >= self.model.max_seq_len:
+            raise ValueError(f"position {pos} is past the caches' {self.model.max_seq_len} positions")
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.pos.fill_(pos)
+        if not self.cuda_graph:
+            return self._run()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._run()
+        self.graph.replay()
+        return self.logits
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

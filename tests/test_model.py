@@ -137,3 +137,61 @@ def test_model_errors(hf):
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(torch.randint(3, 1024, (1, 4)), 0)
     model.clear_caches()
+
+
+@torch.no_grad()
+def test_decode_step_with_device_position_equals_full_forward(hf):
+    """The graph-ready step (0-d position tensor, whole static cache, kv_len on the device)
+    gives the full forward's logits, across chunk boundaries of the one-chunk caches."""
+    model = Llama4.from_hf(hf)
+    ids = torch.randint(3, 1024, (2, 40))
+    full = model(ids)
+    model.setup_caches(3, 48)  # larger than needed: stale slots past kv_len must not be read
+    logits = model.prefill(ids[:, :7], piece=5)
+    _close(logits, full[:, 6])
+    step = model.decode_step(2)
+    assert step is model.decode_step(2) and step.graph is None  # CPU: eager, reused
+    for p in range(7, 40):
+        _close(step(ids[:, p], p), full[:, p])
+
+
+@torch.no_grad()
+def test_generate_reuses_caches_and_trims_at_eos(hf):
+    model = Llama4.from_hf(hf)
+    ids = torch.randint(3, 1024, (1, 9))
+    greedy = model.generate(ids, 40)
+    k_buffer = model.layers[3].self_attn.kv_cache.k
+    assert torch.equal(model.generate(ids, 20), greedy[:, :29])
+    assert model.layers[3].self_attn.kv_cache.k is k_buffer  # big enough: not reallocated
+    eos = int(greedy[0, 9 + 20])  # stop at the first occurrence of this token, past 16 steps
+    n = int((greedy[0, 9:] == eos).int().argmax()) + 1
+    assert torch.equal(model.generate(ids, 40, eos_token_id=eos), greedy[:, :9 + n])
+
+
+def test_decode_errors(hf):
+    model = Llama4.from_hf(hf)
+    with pytest.raises(ValueError, match="tensor start_pos is for decode steps"):
+        model(torch.randint(3, 1024, (1, 1)), torch.tensor(3))
+    model.setup_caches(1, 8)
+    with pytest.raises(ValueError, match="tensor start_pos is for decode steps"):
+        model(torch.randint(3, 1024, (1, 2)), torch.tensor(3))
+    with pytest.raises(ValueError, match="past the caches"):
+        model.decode_step(1)(torch.tensor([5]), 8)
+    with pytest.raises(ValueError, match="piece"):
+        model.prefill(torch.randint(3, 1024, (1, 4)), piece=-1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+            model.decode_step(1, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_cuda_graph_decode_equals_eager():
+    from llama4_fast.tiny import tiny_hf_model as make
+
+    model = Llama4.from_hf(make(seed=5, dtype=torch.bfloat16, device="cuda"))
+    ids = torch.randint(3, 1024, (4, 50), device="cuda")
+    eager = model.generate(ids, 24, cuda_graph=False)
+    graphed = model.generate(ids, 24, cuda_graph=True)
+    assert model.decode_step(4, True).graph is not None
+    assert torch.equal(graphed, eager)

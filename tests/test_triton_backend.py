@@ -51,7 +51,9 @@ def test_thin_model_cached_decode_on_triton():
     with registry.use("torch"):
         ref = model.generate(ids, 7)
     with registry.record() as calls:
-        got = model.generate(ids, 7)  # prefill crosses a chunk boundary; decode crosses another
+        # one prefill piece crossing a chunk boundary, then 6 device-position decode steps
+        # (kv_len over the static cache) crossing another
+        got = model.generate(ids, 7, prefill_piece=13)
     assert calls[("attention", "triton")] == 4 * 7
     assert torch.equal(got, ref)
 
