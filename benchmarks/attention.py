@@ -31,7 +31,6 @@ import contextlib
 import itertools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,19 +52,6 @@ QUICK_CPU = dict(prefill=[96, 160], contexts=[160, 1024], batches=[1, 2], heads=
 QUICK_GPU = dict(prefill=[2048, 8192], contexts=[8192, 32768], batches=[1, 16], heads=(HQ, HKV), head_dim=HEAD_DIM,
                  chunk=CHUNK)
 SDPA_DENSE_MAX = 32768  # the dense bool mask is S^2 bytes (1 GiB at 32k, 16 GiB at 128k)
-
-
-class Budget:
-    """Wall-clock budget for the whole run: past it, remaining cases are skipped ('-')."""
-
-    def __init__(self, seconds: float):
-        self.deadline = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def exhausted(self) -> bool:
-        return self.left() <= 0
 
 
 def visible_pairs(S: int, chunk: int | None) -> int:
@@ -91,7 +77,7 @@ def _failure(label: str, e: Exception) -> dict:
     return {"error": msg}
 
 
-def run_case(label: str, fn, inputs, budget: Budget, probe: tuple, reference=None):
+def run_case(label: str, fn, inputs, budget: common.Budget, probe: tuple, reference=None):
     """-> (entry, fn(*probe)): entry has the median us of fn(*inputs()) (rotating sets) and the
     relative error of fn(*probe) against `reference` (ours on the same probe set), or an error
     once failed or out of budget."""
@@ -345,7 +331,7 @@ def main(argv=None):
     device = common.device()
     cfg = (QUICK_GPU if device == "cuda" else QUICK_CPU) if args.quick or device == "cpu" else FULL
     dtype = torch.bfloat16 if device == "cuda" else torch.float16  # the interpreter has no bf16 dot
-    budget = Budget(args.budget_s)
+    budget = common.Budget(args.budget_s)
     torch.manual_seed(0)
     ceilings = common.measure_ceilings(quick=args.quick)
     flex = Flex(device)

@@ -62,6 +62,19 @@ def environment() -> dict:
     }
 
 
+class Budget:
+    """Wall-clock budget for a whole run: past it, the remaining cases are skipped."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def exhausted(self) -> bool:
+        return self.left() <= 0
+
+
 def rotating(make_inputs: Callable[[], tuple], bytes_per_set: int) -> Callable[[], tuple]:
     """Return a function yielding input sets in turn: enough sets that together they exceed L2
     (at most 16), so a repeated call does not time the cache."""

@@ -4,13 +4,21 @@
 # on an H100. Result JSON/PNG land in benchmarks/results/ (commit them) and, with logs, in $OUT
 # when that is set (the device tool's return folder).
 #
-#   bash benchmarks/run_gpu_suite.sh            # full suite
-#   bash benchmarks/run_gpu_suite.sh --quick    # CPU dry run: toy sizes under the Triton interpreter
+#   bash benchmarks/run_gpu_suite.sh                  # full suite
+#   bash benchmarks/run_gpu_suite.sh e2e gpu-tests    # only these steps (split across calls)
+#   bash benchmarks/run_gpu_suite.sh --quick          # CPU dry run: toy sizes under the Triton interpreter
+# Steps: moe_dispatch attention hf_patch e2e gpu-tests (install and gpu-info always run on a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 QUICK=""
-[ "${1:-}" = "--quick" ] && QUICK="--quick"
+[ "${1:-}" = "--quick" ] && { QUICK="--quick"; shift; }
+ONLY=" $* "
+for name in "$@"; do
+  case $name in moe_dispatch|attention|hf_patch|e2e|gpu-tests) ;;
+    *) echo "unknown step '$name' (steps: moe_dispatch attention hf_patch e2e gpu-tests)" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 RESULTS=${LLAMA4_FAST_RESULTS:-benchmarks/results}  # where the benchmark scripts write
 LOG_DIR=${OUT:-$RESULTS}
@@ -22,6 +30,8 @@ status=0
 step() {  # step NAME TIMEOUT_S CMD...: run one step, keep going when it fails
   local name=$1 limit=$2
   shift 2
+  [ "$ONLY" != "  " ] && [[ "$ONLY" != *" $name "* ]] && [ "$name" != install ] && [ "$name" != gpu-info ] && return 0
+  [ -n "$QUICK" ] && limit=$((limit * 4))  # the dry run is CPU-bound, on CI's two cores
   echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
@@ -38,12 +48,13 @@ fi
 step moe_dispatch 220 $PY benchmarks/moe_dispatch.py $QUICK
 step attention 130 $PY benchmarks/attention.py $QUICK --budget-s 95
 step hf_patch 40 $PY benchmarks/hf_patch.py $QUICK
+step e2e 200 $PY benchmarks/e2e.py $QUICK --budget-s 150 --repeats 1
 if [ -z "$QUICK" ]; then
   step gpu-tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests
 fi
 
 if [ -n "${OUT:-}" ]; then  # newest result of each benchmark back through $OUT
-  for bench in moe_dispatch attention hf_patch; do
+  for bench in moe_dispatch attention hf_patch e2e; do
     for f in $(ls -t "$RESULTS"/${bench}-*.json 2>/dev/null | head -1) $(ls -t "$RESULTS"/${bench}-*.png 2>/dev/null | head -1); do
       cp "$f" "$OUT/"
     done

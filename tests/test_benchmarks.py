@@ -24,10 +24,19 @@ def test_quick_suite_writes_results(tmp_path):
     run = subprocess.run(["bash", str(SUITE), "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for bench in ("moe_dispatch", "attention", "hf_patch"):
+    for bench in ("moe_dispatch", "attention", "hf_patch", "e2e"):
         files = list((tmp_path / "results").glob(f"{bench}-*.json"))
         assert len(files) == 1, f"{bench}: {files}"
         payload = json.loads(files[0].read_text())
         assert payload["environment"]["torch"] and payload["bench"] == bench
         assert list((tmp_path / "out").glob(f"{bench}-*.json")), f"{bench} result not copied to $OUT"
     assert "=== done, status 0" in (tmp_path / "out" / "gpu_suite.log").read_text()
+
+
+def test_suite_runs_only_the_named_steps(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, LLAMA4_FAST_RESULTS=str(tmp_path / "results"), OUT=str(tmp_path / "out"),
+               CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run(["bash", str(SUITE), "--quick", "hf_patch"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert [p.name.split("-")[0] for p in (tmp_path / "results").glob("*.json")] == ["hf_patch"]
