@@ -5,17 +5,22 @@ Modules and parameter names mirror transformers' Llama4TextModel (`layers.3.self
 and `Llama4.from_hf` can share a loaded transformers model's parameters without copying.
 
 Shapes: B batch, S new tokens, H hidden, Hq/Hkv query/KV heads, D head dim, E experts,
-I expert intermediate size. Positions are absolute: token s of a call at `start_pos` sits at
-position start_pos + s, the same for every sequence of the batch.
+I expert intermediate size. The caches are indexed by column: token s of a call at
+`start_pos` sits in column start_pos + s of every sequence. Without padding a column is the
+token's position; a batch of prompts of different lengths is right-aligned with left padding
+`pad [B]`, and sequence b's column c sits at position c - pad[b] (negative: padding, never
+attended). Each sequence keeps its own positions, RoPE angles and chunk boundaries.
 
-Two ways to call a layer: `start_pos` a Python int (prefill, any S, the cache slices it needs
+Two ways to call the model: `start_pos` a Python int (prefill, any S; the caches are sliced
 on the host), or a 0-d int64 tensor on the model's device (a decode step, S = 1): every shape
-is then fixed and the cache's fill level stays on the device, so the step runs without host
-synchronisation and `generate` captures it once in a CUDA graph and replays it per token.
+is then fixed and the caches' fill levels stay on the device (`kv_len` of `ops.attention`), so
+the step runs without host synchronisation, and `generate` captures it once in a CUDA graph
+and replays it per token.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,12 +41,33 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+@dataclass(frozen=True)
+class Positions:
+    """Where the S new tokens of one forward sit; built once by `Llama4.forward`, read by every layer.
+
+    col: cache column of the first new token: an int (prefill) or a 0-d int64 device tensor
+        (a decode step, S = 1). Without padding a column is a position.
+    pad, pad_list: left padding per sequence (sequence b's column c sits at position
+        c - pad[b]) as a [B] int64 device tensor and as a host list (prefill only); None and
+        None without padding (a decode step always carries the tensor, zeros if unpadded).
+    positions: [B or 1, S] int64 absolute positions; cos, sin: [B or 1, S, D/2] float32 RoPE.
+    """
+
+    col: int | torch.Tensor
+    pad: torch.Tensor | None
+    pad_list: list[int] | None
+    positions: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class KVCache(nn.Module):
     """Static K/V cache of one attention layer, [B, Hkv, L, D] each.
 
-    Global layers keep every position (L = max_seq_len, slot = position). Chunked layers keep
-    only the current chunk (L = chunk size, slot = position % C): a query never sees an earlier
-    chunk, so at decode the visible keys are exactly slots [0, position % C].
+    Global layers keep every column (L = max_seq_len, slot = column; left padding sits at
+    negative positions). Chunked layers keep only each sequence's current chunk (L = chunk
+    size, slot = position % C, per sequence): a query never sees an earlier chunk, so at
+    decode the visible keys are exactly slots [0, position % C].
     """
 
     def __init__(self, batch: int, kv_heads: int, length: int, head_dim: int, dtype, device, chunk_size=None):
@@ -51,47 +77,65 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write_step(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Decode: store k, v [B, Hkv, 1, D] at device position `pos` (0-d int64); return
-        (keys, values, kv_start [B], kv_len [B]) over the whole buffer, the arguments of
-        `ops.attention` with fixed shapes (nothing is read back to the host)."""
+    def write_step(self, col: torch.Tensor, pad: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Decode: store k, v [B, Hkv, 1, D] of the token at cache column `col` (0-d int64 on
+        the device; sequence b's token sits at position col - pad[b]); return (keys, values,
+        kv_start [B], kv_len [B]) over the whole buffer: `ops.attention` arguments with fixed
+        shapes, nothing read back to the host."""
         B = k.shape[0]
-        slot = pos if self.chunk_size is None else pos % self.chunk_size
         kc, vc = self.k[:B], self.v[:B]
-        kc.index_copy_(2, slot.view(1), k)
-        vc.index_copy_(2, slot.view(1), v)
-        kv_len = (slot + 1).to(torch.int32).view(1).repeat(B)
-        kv_start = (pos - slot).to(torch.int32).view(1).repeat(B)  # the chunk start; 0 on global layers
-        return kc, vc, kv_start, kv_len
+        if self.chunk_size is None:  # slot = column; the padding sits at negative positions
+            kc.index_copy_(2, col.view(1), k)
+            vc.index_copy_(2, col.view(1), v)
+            return kc, vc, (-pad).to(torch.int32), (col + 1).to(torch.int32).view(1).repeat(B)
+        pos = col - pad
+        slot = pos % self.chunk_size  # each sequence's own chunk, so its own slot
+        rows = torch.arange(B, device=k.device)
+        kc[rows, :, slot] = k[:, :, 0]
+        vc[rows, :, slot] = v[:, :, 0]
+        return kc, vc, (pos - slot).to(torch.int32), (slot + 1).to(torch.int32)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v [B, Hkv, S, D] for positions pos..pos+S-1; return (keys, values, kv_start)
-        covering every key those queries may attend, in the layout `ops.attention` takes."""
+    def update(self, col: int, pad: list[int] | None, k: torch.Tensor, v: torch.Tensor):
+        """Prefill: store k, v [B, Hkv, S, D] of cache columns col..col+S-1 (sequence b's column
+        c sits at position c - pad[b]; pad None means no padding); return (keys, values,
+        kv_start) covering every key those queries may attend, as `ops.attention` takes them."""
         B, S = k.shape[0], k.shape[2]
         kc, vc = self.k[:B], self.v[:B]
         C = self.chunk_size
         if C is None:
-            if pos + S > kc.shape[2]:
-                raise ValueError(f"positions up to {pos + S} exceed the cache length {kc.shape[2]}; "
+            if col + S > kc.shape[2]:
+                raise ValueError(f"positions up to {col + S} exceed the cache length {kc.shape[2]}; "
                                  "call setup_caches with a larger max_seq_len")
-            kc[:, :, pos:pos + S] = k
-            vc[:, :, pos:pos + S] = v
-            return kc[:, :, :pos + S], vc[:, :, :pos + S], 0
-        chunk_start = pos // C * C
-        last_chunk_start = (pos + S - 1) // C * C
-        if chunk_start == last_chunk_start:  # decode, or a prefill inside one chunk: no copy
-            kc[:, :, pos - chunk_start:pos - chunk_start + S] = k
-            vc[:, :, pos - chunk_start:pos - chunk_start + S] = v
-            end = pos - chunk_start + S
-            return kc[:, :, :end], vc[:, :, :end], chunk_start
-        # The new tokens cross a chunk boundary: attend over cached prefix + new keys, then keep
-        # only the tokens of the last chunk they reach.
-        keys = torch.cat([kc[:, :, :pos - chunk_start], k], dim=2)
-        values = torch.cat([vc[:, :, :pos - chunk_start], v], dim=2)
-        n_last = pos + S - last_chunk_start
-        kc[:, :, :n_last] = k[:, :, S - n_last:]
-        vc[:, :, :n_last] = v[:, :, S - n_last:]
-        return keys, values, chunk_start
+            kc[:, :, col:col + S] = k
+            vc[:, :, col:col + S] = v
+            kv_start = 0 if pad is None else -torch.tensor(pad, dtype=torch.int32, device=k.device)
+            return kc[:, :, :col + S], vc[:, :, :col + S], kv_start
+        # Chunked: each sequence attends its cached chunk prefix (positions [chunk start, p0))
+        # and the new keys. Prefixes are right-aligned before the new keys; the slots left of a
+        # shorter prefix hold positions of an earlier chunk (or negative), which nobody sees.
+        firsts = [col - p for p in (pad or [0] * B)]  # position of each sequence's first new token
+        prefix = [p % C if p > 0 else 0 for p in firsts]
+        m = max(prefix)
+        if m == 0:
+            keys, values = k, v
+        elif pad is None:
+            keys, values = torch.cat([kc[:, :, :m], k], dim=2), torch.cat([vc[:, :, :m], v], dim=2)
+        else:
+            keys = k.new_zeros(B, k.shape[1], m + S, k.shape[3])
+            values = torch.zeros_like(keys)
+            for b, n in enumerate(prefix):
+                keys[b, :, m - n:m], values[b, :, m - n:m] = kc[b, :, :n], vc[b, :, :n]
+            keys[:, :, m:], values[:, :, m:] = k, v
+        # Keep each sequence's last chunk reached (not its padding).
+        for b, p0 in enumerate(firsts if pad is not None else firsts[:1]):
+            last = p0 + S - 1
+            lo = max(last // C * C, p0, 0) if last >= 0 else last + 1
+            rows = slice(b, b + 1) if pad is not None else slice(None)
+            kc[rows, :, lo % C:lo % C + last + 1 - lo] = k[rows, :, lo - p0:]
+            vc[rows, :, lo % C:lo % C + last + 1 - lo] = v[rows, :, lo - p0:]
+        if pad is None:
+            return keys, values, firsts[0] - m
+        return keys, values, torch.tensor([p - m for p in firsts], dtype=torch.int32, device=k.device)
 
 
 class Attention(nn.Module):
@@ -110,30 +154,31 @@ class Attention(nn.Module):
         self.temperature = (cfg.floor_scale, cfg.attn_scale) if (cfg.attn_temperature_tuning and not self.use_rope) else None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, start_pos: int | torch.Tensor, cos, sin):
+    def forward(self, x, at: Positions):
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
         if self.use_rope:
-            q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+            q, k = ops.rope(q, at.cos, at.sin), ops.rope(k, at.cos, at.sin)
             if self.qk_norm_eps is not None:
                 q, k = ops.rms_norm(q, None, self.qk_norm_eps), ops.rms_norm(k, None, self.qk_norm_eps)
         elif self.temperature is not None:
             floor_scale, attn_scale = self.temperature
-            pos = (torch.arange(S, device=x.device) + start_pos).float()
+            pos = at.positions.float()
             scale = torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
-            q = (q * scale[None, :, None, None]).to(q.dtype)
+            q = (q * scale[:, :, None, None]).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kv_len = None
-        if isinstance(start_pos, torch.Tensor):
-            keys, values, kv_start, kv_len = self.kv_cache.write_step(start_pos, k, v)
+        if isinstance(at.col, torch.Tensor):
+            keys, values, kv_start, kv_len = self.kv_cache.write_step(at.col, at.pad, k, v)
         elif self.kv_cache is None:
-            if start_pos != 0:
+            if at.col != 0:
                 raise ValueError("start_pos > 0 needs a KV cache: call setup_caches first")
-            keys, values, kv_start = k, v, 0
+            keys, values = k, v
+            kv_start = 0 if at.pad is None else (-at.pad).to(torch.int32)
         else:
-            keys, values, kv_start = self.kv_cache.update(start_pos, k, v)
+            keys, values, kv_start = self.kv_cache.update(at.col, at.pad_list, k, v)
         out = ops.attention(q, keys, values, chunk_size=self.chunk_size, kv_start=kv_start, kv_len=kv_len)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
@@ -186,8 +231,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, start_pos, cos, sin):
-        h = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin)
+    def forward(self, x, at: Positions):
+        h = x + self.self_attn(self.input_layernorm(x), at)
         return h + self.feed_forward(self.post_attention_layernorm(h))
 
 
@@ -226,16 +271,21 @@ class Llama4(nn.Module):
         self._decode_steps = {}
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens [B, S] at positions start_pos.. (start_pos > 0 needs setup_caches).
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, *, last_only: bool = False,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] at cache columns start_pos.. (start_pos > 0 needs setup_caches).
+
         start_pos may be a 0-d int64 tensor on the model's device for a decode step (S = 1,
-        caches set up; the position is not checked against the caches, as that would sync).
-        last_only=True returns logits for the last position only, [B, 1, vocab]."""
+        caches set up; it is not checked against the caches, as that would sync the host).
+        pad: left padding, an int64 tensor [B]: sequence b's token at column c sits at position
+        c - pad[b], and columns at negative positions are never attended (a batch of prompts
+        of different lengths, right-aligned). The same pad must be passed for every call on
+        the same caches. last_only=True returns logits for the last column only, [B, 1, vocab]."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, S], got shape {tuple(tokens.shape)}")
         B, S = tokens.shape
-        if isinstance(start_pos, torch.Tensor):
+        decode = isinstance(start_pos, torch.Tensor)
+        if decode:
             if S != 1 or start_pos.dim() != 0 or start_pos.dtype != torch.int64 or not self.max_batch_size:
                 raise ValueError("a tensor start_pos is for decode steps: tokens [B, 1], a 0-d int64 "
                                  "position, caches set up")
@@ -244,32 +294,43 @@ class Llama4(nn.Module):
         elif self.max_batch_size and (B > self.max_batch_size or start_pos + S > self.max_seq_len):
             raise ValueError(f"batch {B} x positions up to {start_pos + S} exceed the caches "
                              f"({self.max_batch_size} x {self.max_seq_len}); call setup_caches again")
-        pos = (torch.arange(S, device=tokens.device) + start_pos).float()
-        freqs = pos[:, None] * self.inv_freq[None, :]
-        cos, sin = torch.cos(freqs)[None], torch.sin(freqs)[None]
+        if pad is not None:
+            if pad.shape != (B,) or pad.dtype != torch.int64 or pad.device != tokens.device:
+                raise ValueError(f"pad must be an int64 tensor [B={B}] on {tokens.device}, got "
+                                 f"{pad.dtype} {tuple(pad.shape)} on {pad.device}")
+        elif decode:
+            pad = torch.zeros(B, dtype=torch.int64, device=tokens.device)
+        positions = (torch.arange(S, device=tokens.device) + start_pos)[None]
+        if pad is not None:
+            positions = positions - pad[:, None]
+        freqs = positions.float()[..., None] * self.inv_freq
+        at = Positions(start_pos, pad, None if pad is None or decode else pad.tolist(), positions,
+                       torch.cos(freqs), torch.sin(freqs))
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, start_pos, cos, sin)
+            x = layer(x, at)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, start_pos: int = 0, *, piece: int | None = None) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, start_pos: int = 0, *, piece: int | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
         """Run a prompt [B, S] through the caches in pieces of at most `piece` tokens (default:
         the attention chunk, 8192 for Llama 4), so activations stay bounded on long prompts;
-        returns the last position's logits [B, vocab]."""
+        returns the last column's logits [B, vocab]. pad: left padding, as in `forward`."""
         piece = piece or self.config.attention_chunk_size or 8192
         if piece < 1:
             raise ValueError(f"piece must be >= 1, got {piece}")
         S = tokens.shape[1]
         for s0 in range(0, S, piece):
-            logits = self(tokens[:, s0:s0 + piece], start_pos + s0, last_only=True)
+            logits = self(tokens[:, s0:s0 + piece], start_pos + s0, last_only=True, pad=pad)
         return logits[:, -1]
 
     def decode_step(self, batch_size: int, cuda_graph: bool | None = None) -> "DecodeStep":
         """The decode step for `batch_size` sequences over the current caches: call it with the
-        tokens [B] and their position (int) to get the next logits [B, vocab]. On CUDA it is
+        tokens [B] and their cache column (int), and the left padding [B] if the prompts were
+        padded, to get the next logits [B, vocab]. On CUDA it is
         captured in a CUDA graph on first use (cuda_graph=None means "when on CUDA") and reused
         until the caches are set up again."""
         use_graph = self.embed_tokens.weight.is_cuda if cuda_graph is None else cuda_graph
@@ -279,11 +340,13 @@ class Llama4(nn.Module):
         return self._decode_steps[key]
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, eos_token_id: int | None = None,
+    def generate(self, prompt: torch.Tensor | list[torch.Tensor], max_new_tokens: int, *,
+                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None, prefill_piece: int | None = None,
-                 cuda_graph: bool | None = None) -> torch.Tensor:
-        """Greedy (temperature=0) or sampled continuation of prompt [B, S] (or [S]).
+                 cuda_graph: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Greedy (temperature=0) or sampled continuation of prompt [B, S] (or [S]), or of a
+        list of 1-D prompts of different lengths, decoded as one left-padded batch and
+        returned as a list of 1-D tensors (prompt + its new tokens).
 
         The prompt is prefilled in pieces (see `prefill`); each new token is one `decode_step`
         (a CUDA-graph replay on the GPU). Tokens stay on the device: the host reads nothing
@@ -292,10 +355,30 @@ class Llama4(nn.Module):
 
         Returns [B, S + n] with n <= max_new_tokens (fewer once every sequence emitted eos;
         sequences that finished early are padded with eos)."""
+        options = dict(temperature=temperature, top_k=top_k, eos_token_id=eos_token_id, generator=generator,
+                       prefill_piece=prefill_piece, cuda_graph=cuda_graph)
+        if isinstance(prompt, (list, tuple)):
+            return self._generate_padded(list(prompt), max_new_tokens, **options)
         if prompt.dim() == 1:
-            return self.generate(prompt[None], max_new_tokens, temperature=temperature, top_k=top_k,
-                                 eos_token_id=eos_token_id, generator=generator, prefill_piece=prefill_piece,
-                                 cuda_graph=cuda_graph)[0]
+            return self.generate(prompt[None], max_new_tokens, **options)[0]
+        return self._generate(prompt, max_new_tokens, None, **options)
+
+    def _generate_padded(self, prompts: list[torch.Tensor], max_new_tokens: int, **options) -> list[torch.Tensor]:
+        if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
+            raise ValueError("prompt as a list must hold non-empty 1-D token tensors")
+        lengths = [p.numel() for p in prompts]
+        S = max(lengths)
+        batch = prompts[0].new_zeros(len(prompts), S)  # token 0 in the padding; never attended
+        for b, p in enumerate(prompts):
+            batch[b, S - lengths[b]:] = p
+        pad = torch.tensor([S - n for n in lengths], dtype=torch.int64, device=batch.device)
+        out = self._generate(batch, max_new_tokens, pad, **options)
+        return [row[S - n:] for row, n in zip(out, lengths)]
+
+    def _generate(self, prompt: torch.Tensor, max_new_tokens: int, pad: torch.Tensor | None, *,
+                  temperature: float, top_k: int | None, eos_token_id: int | None,
+                  generator: torch.Generator | None, prefill_piece: int | None,
+                  cuda_graph: bool | None) -> torch.Tensor:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
@@ -303,7 +386,7 @@ class Llama4(nn.Module):
         B, S = prompt.shape
         if self.max_batch_size < B or self.max_seq_len < S + max_new_tokens:
             self.setup_caches(B, S + max_new_tokens)
-        logits = self.prefill(prompt, piece=prefill_piece)
+        logits = self.prefill(prompt, piece=prefill_piece, pad=pad)
         step = self.decode_step(B, cuda_graph)
         new = torch.empty(B, max_new_tokens, dtype=prompt.dtype, device=prompt.device)
         done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
@@ -319,7 +402,7 @@ class Llama4(nn.Module):
             if eos_token_id is not None and (i + 1) % 16 == 0 and bool(done.all()):
                 n = i + 1
                 break
-            logits = step(token, S + i)
+            logits = step(token, S + i, pad)
         if eos_token_id is not None:  # cut after the step at which the last sequence finished
             finished = (new[:, :n] == eos_token_id).int().cummax(dim=1).values.all(dim=0)
             if bool(finished.any()):
@@ -369,8 +452,8 @@ def _from_parameters(cfg: Llama4Config, params: dict[str, torch.Tensor], source:
 
 
 class DecodeStep:
-    """One decode step of `model` for a fixed batch: (tokens [B], position int) -> logits
-    [B, vocab], the logits buffer being reused by the next call.
+    """One decode step of `model` for a fixed batch: (tokens [B], cache column int, left
+    padding [B] or None) -> logits [B, vocab], the logits buffer being reused by the next call.
 
     Inputs live in static device buffers and the position is a 0-d tensor, so the forward has
     fixed shapes and no host synchronisation. With `cuda_graph`, the first call warms the step
@@ -385,18 +468,23 @@ class DecodeStep:
         self.model, self.cuda_graph = model, cuda_graph
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def _run(self) -> torch.Tensor:
-        return self.model(self.tokens, self.pos, last_only=True)[:, -1]
+        return self.model(self.tokens, self.pos, last_only=True, pad=self.pad)[:, -1]
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, pos: int, pad: torch.Tensor | None = None) -> torch.Tensor:
         if pos >= self.model.max_seq_len:
             raise ValueError(f"position {pos} is past the caches' {self.model.max_seq_len} positions")
         self.tokens.copy_(tokens.view(-1, 1))
         self.pos.fill_(pos)
+        if pad is None:
+            self.pad.zero_()
+        else:
+            self.pad.copy_(pad)
         if not self.cuda_graph:
             return self._run()
         if self.graph is None:

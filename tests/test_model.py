@@ -195,3 +195,46 @@ def test_gpu_cuda_graph_decode_equals_eager():
     graphed = model.generate(ids, 24, cuda_graph=True)
     assert model.decode_step(4, True).graph is not None
     assert torch.equal(graphed, eager)
+    prompts = [ids[0, :50], ids[1, :7], ids[2, :33]]  # left-padded batch: pad rides in the graph
+    for e, g in zip(model.generate(prompts, 24, cuda_graph=False), model.generate(prompts, 24, cuda_graph=True)):
+        assert torch.equal(g, e)
+
+
+@torch.no_grad()
+def test_padded_batch_equals_each_prompt_alone(hf):
+    """Prompts of different lengths decode as one left-padded batch: each sequence has its own
+    positions, RoPE, temperature and chunk boundaries (chunk 16; prefill pieces of 12 cross
+    them at different columns per sequence), and gets exactly what it gets alone."""
+    model = Llama4.from_hf(hf)
+    prompts = [torch.randint(3, 1024, (n,)) for n in (5, 23, 40)]
+    alone = [model(p[None])[0] for p in prompts]
+    together = model.generate(prompts, 30, prefill_piece=12)
+    for p, a, t in zip(prompts, alone, together):
+        assert t.shape == (p.numel() + 30,) and torch.equal(t[:p.numel()], p)
+        full = model(t[None])[0]
+        _close(full[:p.numel()], a)  # the continuation is consistent with a full forward
+        assert torch.equal(t, model.generate(p, 30)), "batched decode differs from decoding alone"
+
+
+@torch.no_grad()
+def test_padded_prefill_and_decode_logits(hf):
+    model = Llama4.from_hf(hf)
+    prompts = [torch.randint(3, 1024, (n,)) for n in (17, 3)]
+    conts = torch.randint(3, 1024, (2, 20))
+    S = 17
+    batch = torch.zeros(2, S, dtype=torch.long)
+    batch[0], batch[1, 14:] = prompts[0], prompts[1]
+    pad = torch.tensor([0, 14])
+    model.setup_caches(2, 40)
+    logits = model.prefill(batch, piece=5, pad=pad)
+    step = model.decode_step(2)
+    got = [logits]
+    for i in range(20):
+        got.append(step(conts[:, i], S + i, pad))
+    for b, p in enumerate(prompts):
+        ref = model(torch.cat([p, conts[b]])[None])[0]
+        _close(torch.stack([g[b] for g in got]), ref[p.numel() - 1:])
+    with pytest.raises(ValueError, match="pad must be an int64 tensor"):
+        model(batch, 0, pad=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        model.generate([prompts[0], torch.tensor([], dtype=torch.long)], 3)

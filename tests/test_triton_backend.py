@@ -58,6 +58,21 @@ def test_thin_model_cached_decode_on_triton():
     assert torch.equal(got, ref)
 
 
+@torch.no_grad()
+def test_thin_model_padded_batch_on_triton():
+    """Left-padded prompts of different lengths: per-sequence kv_start and kv_len [B] tensors
+    reach the kernel at prefill (pieces crossing chunk boundaries) and at decode."""
+    model = Llama4.from_hf(tiny_hf_model(seed=23, device=DEVICE, **NARROW))
+    prompts = [torch.randint(3, 1024, (n,), device=DEVICE) for n in (5, 13)]
+    with registry.use("torch"):
+        ref = model.generate(prompts, 5, prefill_piece=6)
+    with registry.record() as calls:
+        got = model.generate(prompts, 5, prefill_piece=6)
+    assert calls[("attention", "triton")] == 4 * (3 + 4)
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)
+
+
 @pytest.mark.gpu
 def test_ops_inside_torch_compile_and_cuda_graphs():
     T, E, H, I = 8, 16, 256, 128
