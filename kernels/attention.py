@@ -77,7 +77,6 @@ DECODE_MAX_Q = 16
 _PROGRAMS_PER_SM = 2
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
-_MERGE_BLOCK_M = 16  # rows per merge program: a [16, D] fp32 accumulator, no spills at D=256
 # Without a GPU (interpreter), plan splits as if for a small device so the split path is used.
 _INTERPRETER_SMS = 16
 _MAX_GRID_Y = 65535
@@ -299,46 +298,38 @@ def _attn_fwd(
         tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["seq_q"])
+@triton.jit
 def _merge_splits(
     PartialO, PartialLSE, Out,
     stride_ob, stride_oh, stride_om, stride_od,
-    seq_q, head_groups, num_splits, rows_padded,
+    head_groups, num_splits, rows_padded,
     PACK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    SPLITS: tl.constexpr,         # next power of two >= num_splits
     BLOCK_D: tl.constexpr,
 ):
-    """Combine the split partials: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M) with
-    M the running max of lse_s. Grid: (cdiv(rows, BLOCK_M), B * head_groups); the workspace
-    rows are those of _attn_fwd, padded to rows_padded."""
-    pid_m = tl.program_id(0)
+    """Combine the split partials of one row: out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
+    with M = max_s lse_s. Grid: (rows, B * head_groups); the workspace rows are those of
+    _attn_fwd, padded to rows_padded. All splits of the row are loaded in one [SPLITS, D] tile,
+    so the merge pays one memory latency, not one per split (decode at batch 1 has few rows
+    and up to 64 splits)."""
+    row = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // head_groups
     hp = pid_bh % head_groups
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    s = tl.arange(0, SPLITS)
+    s_ok = s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seq_q * PACK  # rows_padded is a multiple of 16 >= the rows: loads stay in bounds
-
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    w_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(num_splits):
-        ws_row = (pid_bh.to(tl.int64) * num_splits + s) * rows_padded + rows
-        lse = tl.load(PartialLSE + ws_row)
-        o = tl.load(PartialO + ws_row[:, None] * BLOCK_D + offs_d[None, :])
-        m_new = tl.maximum(m, lse)
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_shift)
-        w = tl.exp2(lse - m_shift)
-        acc = acc * alpha[:, None] + w[:, None] * o
-        w_sum = w_sum * alpha + w
-        m = m_new
-    o = acc / tl.where(w_sum > 0.0, w_sum, 1.0)[:, None]
-    o_rows = _row_offsets(rows, b, hp, stride_ob, stride_oh, stride_om, PACK)
-    o_ptrs = Out + o_rows[:, None] + offs_d[None, :] * stride_od
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=mask)
+    ws_row = (pid_bh.to(tl.int64) * num_splits + s) * rows_padded + row
+    lse = tl.load(PartialLSE + ws_row, mask=s_ok, other=float("-inf"))
+    o = tl.load(PartialO + ws_row[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # a row no split saw: all weights 0
+    w_sum = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    o_row = b.to(tl.int64) * stride_ob + (hp * PACK + row % PACK).to(tl.int64) * stride_oh \
+        + (row // PACK).to(tl.int64) * stride_om
+    tl.store(Out + o_row + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,8 +488,10 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
-        _merge_splits[(triton.cdiv(rows, _MERGE_BLOCK_M), B * head_groups)](
-            partial_o, partial_lse, out, *out.stride(), Sq, head_groups, splits, m_blocks * cfg.block_m,
-            PACK=pack, HEAD_DIM=D, BLOCK_M=_MERGE_BLOCK_M, BLOCK_D=block_d, num_warps=4,
+        splits_p2 = triton.next_power_of_2(splits)
+        _merge_splits[(rows, B * head_groups)](
+            partial_o, partial_lse, out, *out.stride(), head_groups, splits, m_blocks * cfg.block_m,
+            PACK=pack, HEAD_DIM=D, SPLITS=splits_p2, BLOCK_D=block_d,
+            num_warps=8 if splits_p2 * block_d > 4096 else 4,  # <= 128 fp32 tile values a thread
         )
     return out

@@ -327,10 +327,20 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         return triton.compile(ASTSource(A._attn_fwd, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
+    def compile_merge(splits, block_d):
+        sig = {n: "i32" for n in A._merge_splits.arg_names}
+        sig.update(PartialO="*fp32", PartialLSE="*fp32", Out="*bf16")
+        const = dict(PACK=5, HEAD_DIM=block_d, SPLITS=splits, BLOCK_D=block_d, stride_od=1)
+        sig.update({n: "constexpr" for n in const})
+        return triton.compile(ASTSource(A._merge_splits, sig, const), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=8 if splits * block_d > 4096 else 4))
+
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    for args in (("bf16", False, 8192, False), ("bf16", True, 5, True)):
-        kernel = compile_fwd(*args)
-        assert "wgmma" in kernel.asm["ptx"] or args[1], "prefill should use Hopper wgmma"
+    variants = [(compile_fwd, ("bf16", False, 8192, False)), (compile_fwd, ("bf16", True, 5, True)),
+                (compile_merge, (64, 128)), (compile_merge, (64, 256))]
+    for compile_fn, args in variants:
+        kernel = compile_fn(*args)
+        assert "wgmma" in kernel.asm["ptx"] or compile_fn is compile_merge or args[1], "prefill should use wgmma"
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"]); f.flush()
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
@@ -342,7 +352,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests run the real kernels")
 def test_compiles_for_h100_without_spills():
-    """Compile the two Llama 4 variants (prefill and split decode, bf16, D=128) for sm_90
+    """Compile the two Llama 4 variants (prefill and split decode, bf16, D=128) and the split
+    merge (64 splits, D=128 and 256) for sm_90
     ahead of time, without a GPU, and require no register spills (ptxas via cuobjdump)."""
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
