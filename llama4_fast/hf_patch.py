@@ -20,6 +20,13 @@ What is replaced, per module instance (the classes stay untouched unless `patch_
   masks with holes, custom overlays) fall back, with a one-time warning, to a dense mask and
   transformers' own SDPA attention.
 Projections, RoPE and temperature tuning stay transformers' own code.
+
+Sharded models (docs/scaling.md): under `tp_plan="auto"` (transformers 5.x, torchrun) the
+patched MoE runs the kernel on each rank's expert shards and all-reduces the partial output over
+the TP group, as transformers does for its experts; the projections keep their TP hooks, and the
+norms and attention see plain local tensors (the local heads). Under `device_map="auto"` modules
+keep their accelerate hooks, and the patched MoE runs the experts' hook itself, so offloaded
+experts are loaded for the kernel and offloaded again.
 """
 
 from __future__ import annotations
