@@ -162,8 +162,8 @@ def build_layer(E, H, I, dtype, dev, seed=0):
     for module in layer.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             fan_in = p.shape[-1] if name == "weight" else p.shape[-2]
-            t = torch.randn(p.shape, generator=gen, device=dev, dtype=torch.float32).mul_(fan_in ** -0.5)
-            setattr(module, name, torch.nn.Parameter(t.to(dtype), requires_grad=False))
+            t = torch.randn(p.shape, generator=gen, device=dev, dtype=dtype).mul_(fan_in ** -0.5)
+            setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
     return layer
 
 

@@ -118,8 +118,8 @@ class ExpertParallelMoE(nn.Module):
         """rows [N, H] routed to this rank's experts -> their outputs [N, H]; N may be 0."""
         if rows.shape[0] == 0:
             return rows.new_empty(0, rows.shape[1])
-        return ops.fused_moe(rows, self.experts.gate_up_proj, self.experts.down_proj, meta[:, 1:],
-                             meta[:, :1].long())
+        weights, local_ids = meta[:, 1:].contiguous(), meta[:, :1].to(torch.int32)
+        return ops.fused_moe(rows, self.experts.gate_up_proj, self.experts.down_proj, weights, local_ids)
 
     def combine(self, results: torch.Tensor, plan: ExchangePlan, n_tokens: int) -> torch.Tensor:
         """Send the results back to the ranks their tokens came from and sum them per token."""

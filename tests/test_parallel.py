@@ -98,3 +98,14 @@ def test_patch_with_device_map_auto_and_disk_offload(tiny_checkpoint, tmp_path):
     assert (logits - ref_logits).abs().max().item() <= 1e-4 * max(scale, 1.0)
     tokens = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert torch.equal(tokens, ref_tokens)
+
+
+def test_shard_experts_needs_a_thin_model_and_a_process_group():
+    from llama4_fast.model import Llama4
+    from llama4_fast.parallel import shard_experts
+
+    with pytest.raises(TypeError, match="model must be a llama4_fast Llama4"):
+        shard_experts(tiny_hf_model(seed=0, **SMALL))
+    if not torch.distributed.is_initialized():
+        with pytest.raises(RuntimeError, match="call init_process_group first"):
+            shard_experts(Llama4.from_hf(tiny_hf_model(seed=0, **SMALL)))
