@@ -72,6 +72,8 @@ class ExpertParallelMoE(nn.Module):
         self.world_size = dist.get_world_size(group)
         self.top_k = moe.top_k
         self.n_experts = moe.experts.gate_up_proj.shape[0]
+        if self.n_experts % self.world_size:  # shard_experts checks this on every rank first
+            raise ValueError(f"world size {self.world_size} does not divide the {self.n_experts} experts")
         self.experts_per_rank = self.n_experts // self.world_size
         self.first_expert = self.rank * self.experts_per_rank
         self.overlap_shared = overlap_shared
