@@ -20,6 +20,13 @@ What is replaced, per module instance (the classes stay untouched unless `patch_
   masks with holes, custom overlays) fall back, with a one-time warning, to a dense mask and
   transformers' own SDPA attention.
 Projections, RoPE and temperature tuning stay transformers' own code.
+
+Sharded models (docs/scaling.md): under `tp_plan="auto"` (transformers 5.x, torchrun) the
+patched MoE runs the kernel on each rank's expert shards and all-reduces the partial output over
+the TP group, as transformers does for its experts; the projections keep their TP hooks, and the
+norms and attention see plain local tensors (the local heads). Under `device_map="auto"` modules
+keep their accelerate hooks, and the patched MoE runs the experts' hook itself, so offloaded
+experts are loaded for the kernel and offloaded again.
 """
 
 from __future__ import annotations
@@ -67,10 +74,60 @@ def _router_forward(self, hidden_states):
 def _moe_forward(self, hidden_states):
     x = hidden_states.reshape(-1, self.hidden_dim)
     (weights, ids), router_logits = self.router(x)
-    routed = ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+    routed = _routed_experts(self.experts, x, weights, ids)
     out = self.shared_expert(x)
     out.add_(routed)
     return out, router_logits
+
+
+def _routed_experts(experts, x, weights, ids):
+    """`ops.fused_moe` on the experts as this process holds them. The patched MoE reads the
+    experts' weights without calling the experts module, so it does here what that call would:
+
+    - accelerate (device_map="auto", offload): the experts' own hook loads offloaded weights
+      onto its execution device and moves the inputs there before, and offloads after.
+    - transformers tensor parallel (tp_plan="auto", style "moe_tp_experts"): the weights are
+      DTensors holding a slice of every expert's intermediate dimension on each rank (gate_up
+      [E, H, 2I/tp] as [gate slice | up slice], down [E, I/tp, H]). The kernel runs on the local
+      slices and its output, a partial sum, is all-reduced over the TP group, as transformers'
+      MoeExpertsParallel does for the unpatched experts.
+    """
+    hook = getattr(experts, "_hf_hook", None)
+    if hook is None:
+        return _local_fused_moe(experts, x, weights, ids)
+    args, _ = hook.pre_forward(experts, x, weights, ids)
+    return hook.post_forward(experts, _local_fused_moe(experts, *args))
+
+
+def _local_fused_moe(experts, x, weights, ids):
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if not _is_dtensor(down):
+        return ops.fused_moe(x, gate_up, down, weights, ids)
+    placements = tuple(down.placements)
+    if all(p.is_replicate() for p in placements):
+        group = None
+    elif len(placements) == 1 and placements[0].is_shard(dim=1):
+        group = down.device_mesh.get_group()
+    else:
+        raise NotImplementedError(f"llama4_fast: experts down_proj sharded as {placements}; the patch supports "
+                                  "transformers' tensor-parallel plan (Shard(1): a slice of the intermediate "
+                                  "dimension per rank) or replicated experts")
+    gate_up, down = gate_up.to_local(), down.to_local()
+    if gate_up.shape[-1] != 2 * down.shape[1]:
+        raise NotImplementedError(f"llama4_fast: local expert shards do not pair up: gate_up_proj "
+                                  f"{tuple(gate_up.shape)} vs down_proj {tuple(down.shape)}")
+    routed = ops.fused_moe(x, gate_up, down, weights, ids)
+    if group is not None:
+        torch.distributed.all_reduce(routed, group=group)
+    return routed
+
+
+def _is_dtensor(t) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _rms_norm_forward(self, x):
@@ -167,8 +224,11 @@ def llama4_fast_attention(module, query, key, value, attention_mask, scaling=Non
                                       scaling=scaling, **kwargs)
     if dropout and module.training:
         raise NotImplementedError("llama4_fast attention is inference-only (attention dropout > 0 in training)")
-    out = ops.attention(query, key, value, chunk_size=attention_mask.chunk_size, scale=scaling,
-                        kv_start=attention_mask.kv_start)
+    kv_start = attention_mask.kv_start
+    if isinstance(kv_start, torch.Tensor) and kv_start.device != query.device:
+        # device_map: the mask is built once on the first device, the layer may sit on another
+        kv_start = kv_start.to(query.device)
+    out = ops.attention(query, key, value, chunk_size=attention_mask.chunk_size, scale=scaling, kv_start=kv_start)
     return out.transpose(1, 2), None
 
 

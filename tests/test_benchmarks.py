@@ -40,3 +40,22 @@ def test_suite_runs_only_the_named_steps(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert [p.name.split("-")[0] for p in (tmp_path / "results").glob("*.json")] == ["hf_patch"]
+
+
+def test_scaling_quick_runs_one_and_two_ranks(tmp_path):
+    """benchmarks/scaling.py --quick: the volume model, then the EP MoE layer at W = 1 and W = 2
+    (torchrun, gloo), one result file with both world sizes."""
+    env = dict(os.environ, LLAMA4_FAST_RESULTS=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "| 8 | 17920 | 17920 | 2242 | 16.0 |" in run.stdout  # the volume model's TP8 vs EP8 row
+    files = list(tmp_path.glob("scaling-*.json"))
+    assert len(files) == 1, files
+    payload = json.loads(files[0].read_text())
+    cases = payload["cases"]
+    assert sorted({c["world"] for c in cases}) == [1, 2]
+    for c in cases:
+        assert c["compute_us"] > 0 and c["comm_us"] > 0 and c["layer_us"] > 0
+        assert (c["max_bytes_sent_per_rank"] > 0) == (c["world"] > 1)
+    assert payload["volume_model"]["memory_8"][1]["format"] == "fp8"
