@@ -26,7 +26,10 @@ Contract: every rank of the group calls `forward` the same number of times (a ra
 tokens for some expert, or whose experts receive none, still joins every exchange), as with any
 collective. `shard_experts` checks that all ranks hold the same model before anything else,
 so a mismatch or a world size that does not divide E raises ValueError on every rank instead
-of hanging in the first exchange.
+of hanging in the first exchange. With `Llama4.generate` that means the same number of prefill
+pieces on every rank (prompts no longer than `prefill_piece`, or of equal piece counts), the
+same max_new_tokens, and no eos_token_id (a rank that stops early would leave the others
+waiting).
 """
 
 from __future__ import annotations
