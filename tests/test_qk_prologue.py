@@ -237,10 +237,30 @@ def test_bad_input_names_the_argument():
             kernels.qk_prologue(q.bfloat16(), k.bfloat16(), qk_norm_eps=EPS)
 
 
+def test_traces_under_torch_compile():
+    """The triton backend's mutating custom op and its fake traced by dynamo + AOT autograd in one
+    graph (fullgraph), both layer kinds, outputs equal to eager."""
+    B, S, Hq, Hkv, D = 1, 3, 4, 2, 16
+    q, k = projection_views(B, S, Hq, Hkv, D, torch.float16)
+    positions = torch.arange(S, device=DEVICE)
+    cos, sin = tables(positions, D)
+
+    def layers(q, k, cos, sin, positions):
+        rq, rk = ops.qk_prologue(q, k, cos=cos, sin=sin, qk_norm_eps=EPS)
+        nq, nk = ops.qk_prologue(q, k, positions=positions, temperature=(2.0, 0.1))
+        return rq, rk, nq, nk * 2  # nk is k itself: an input, not an op output
+
+    with registry.record() as calls:
+        got = torch.compile(layers, backend="aot_eager", fullgraph=True)(q, k, cos, sin, positions)
+    assert calls[("qk_prologue", "triton")] == 2
+    for a, b in zip(got, layers(q, k, cos, sin, positions)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.gpu
-def test_bf16_under_torch_compile_and_cuda_graphs():
-    """Llama 4 heads in bf16 against float64; the op captured by torch.compile (fullgraph) in a
-    CUDA graph, with the positions as a device tensor (no host sync)."""
+def test_bf16_and_cuda_graph_replay():
+    """Llama 4 heads in bf16 against float64; the op captured in a CUDA graph and replayed after
+    the positions, tables and inputs change in place (no host sync, nothing baked in)."""
     B, S, Hq, Hkv, D = 2, 37, 40, 8, 128
     q, k = projection_views(B, S, Hq, Hkv, D, torch.bfloat16)
     positions = torch.arange(S, device=DEVICE)[None] + torch.tensor([[0], [8000]], device=DEVICE)
@@ -250,14 +270,21 @@ def test_bf16_under_torch_compile_and_cuda_graphs():
     assert_close(got_q, ref_q, torch.bfloat16)
     assert_close(got_k, ref_k, torch.bfloat16)
 
-    def layer_pair(q, k, cos, sin, positions):
+    def layers():
         rq, rk = ops.qk_prologue(q, k, cos=cos, sin=sin, qk_norm_eps=EPS)
-        nq, nk = ops.qk_prologue(q, k, positions=positions, temperature=(8192.0, 0.1))
-        return rq, rk, nq, nk
+        nq, _ = ops.qk_prologue(q, k, positions=positions, temperature=(8192.0, 0.1))
+        return rq, rk, nq
 
-    eager = layer_pair(q, k, cos, sin, positions)
-    compiled = torch.compile(layer_pair, fullgraph=True, mode="reduce-overhead")
-    for _ in range(3):  # warm-up, then CUDA-graph replays
-        out = compiled(q, k, cos, sin, positions)
-    for a, b in zip(out, eager):
+    layers()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = layers()
+    positions += 9000
+    new_cos, new_sin = tables(positions, D)
+    cos.copy_(new_cos)
+    sin.copy_(new_sin)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    for a, b in zip(outs, layers()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
