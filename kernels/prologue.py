@@ -29,8 +29,9 @@ One kernel, ``_qk_prologue``, with constexpr switches ROPE / QK_NORM / TEMPERATU
 either q (the first q_blocks programs of axis 1) or k, as a [BLOCK_H, BLOCK_D] tile. Per
 token it loads the D/2 angles (or the position) once and reuses them across its heads.
 
-* The whole chain is one read and one write of q and k; the torch chain (rope, rope,
-  rms_norm, rms_norm) reads and writes each four times plus fp32 temporaries.
+* The whole chain is one read and one write of q and k; the torch chain (rope then rms_norm
+  of each) reads and writes each twice in its dtype, with about 30 elementwise kernels and
+  their fp32 temporaries in between.
 * RoPE angles come from the caller's precomputed cos/sin tables rather than from positions
   and inv_freq in-kernel. Bytes: the tables add 4 * D bytes per token (512 at D=128) against
   2 * (Hq + Hkv) * D * 2 = 24.6 KB of q/k traffic per token for Llama 4 in bf16 (2%, and
@@ -41,9 +42,9 @@ token it loads the D/2 angles (or the position) once and reuses them across its 
   Positions are then needed only for the temperature (one scalar a token).
 * Interleaved pairs: the tile is loaded as whole rows (coalesced, vectorised) and split into
   (even, odd) halves in registers with reshape + split, then re-joined for the store.
-* The temperature quotient uses IEEE division (``div_rn``): Triton's ``/`` on fp32 may lower
-  to an approximate divide, and the floor of an exact multiple (pos + 1 = floor_scale) must not
-  fall to the integer below.
+* The temperature quotient uses IEEE division (``div_rn``): Triton's ``/`` on fp32 lowers to
+  the approximate ``div.full.f32`` (triton 3.9, sm_90), and the floor of an exact multiple
+  (pos + 1 = m * floor_scale) must not fall to the integer below.
 * Addressing: token and head offsets are int64 (1M tokens x 40 heads x 128 overflows int32).
 * Compiled ahead of time for sm_90a with triton 3.9 (no GPU at hand; unit strides and
   16-divisible pointers as the launcher specialises them), every switch combination in
@@ -70,7 +71,7 @@ from . import checks
 # Tile of one program: BLOCK_H heads x BLOCK_D columns, about this many elements (8 heads at
 # D = 128: Llama 4's 40 query heads are 5 blocks and its 8 KV heads one, no idle rows).
 _TILE_ELEMENTS = 1024
-MAX_HEAD_DIM = 4096  # one program holds a whole head row; past this the tile would spill
+MAX_HEAD_DIM = 4096  # one program holds whole head rows; larger heads are untested
 _MAX_GRID_Y = 65535
 
 
@@ -142,7 +143,7 @@ def _qk_prologue(
     if blk < q_blocks:
         if TEMPERATURE:
             # The reference's fp32 formula step by step: float(pos) + 1, IEEE divide, floor;
-            # log1p of an integer-valued float is log(1 + it) exactly.
+            # then log1p(n) as log(1 + n): n is an integer, so 1 + n is exact below 2**24.
             pos = tl.load(Pos + b * stride_pb + s * stride_ps).to(tl.float32)
             steps = tl.floor(tl.math.div_rn(pos + 1.0, floor_scale))
             scale = tl.log(1.0 + steps) * attn_scale + 1.0
