@@ -46,14 +46,15 @@ token it loads the D/2 angles (or the position) once and reuses them across its 
   the approximate ``div.full.f32`` (triton 3.9, sm_90), and the floor of an exact multiple
   (pos + 1 = m * floor_scale) must not fall to the integer below.
 * Addressing: token and head offsets are int64 (1M tokens x 40 heads x 128 overflows int32).
-* Compiled ahead of time for sm_90a with triton 3.9 (no GPU at hand; unit strides and
-  16-divisible pointers as the launcher specialises them), every switch combination in
+* Compiled ahead of time for sm_90a with triton 3.6 and 3.9 (no GPU at hand; unit strides
+  and 16-divisible pointers as the launcher specialises them), every switch combination in
   fp16/bf16/fp32 at D = 64, 80, 128: at most 32 registers, no spills, no shared memory (the
   pair split stays in registers), 128-bit global loads, ``div.rn`` in the temperature path.
   Not yet timed on a GPU; the tile (~1024 elements, 4 warps) is a first guess.
 * Not fused into attention: K must be written roped into the KV cache anyway, so only the Q
   side could move into the attention prologue; benchmarks/qk_prologue.py measures the whole
-  prologue against the attention call it precedes, which bounds what that fusion could save.
+  prologue, and the Q side alone, against the attention call it precedes: the Q side's time is
+  the most that fusion could save. Until it runs on an H100, the separate kernel stands.
 
 Under the Triton interpreter (CPU tensors with TRITON_INTERPRET=1) fp16/fp32 run; bf16 is
 refused there because the interpreter truncates fp32 -> bf16 casts instead of rounding to
