@@ -138,20 +138,68 @@ def rms_norm_args(x, weight, eps):
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
+def qk_prologue_args(q, k, cos, sin, qk_norm_eps, positions, temperature, q_out, k_out):
+    """Shapes: q [B, S, Hq, D]; k [B, S, Hkv, D]; cos, sin [B or 1, S, D/2] float32 (both or
+    neither); positions [S] or [B, S] int32/int64, required with temperature = (floor_scale,
+    attn_scale); q_out / k_out like q / k."""
+    tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    same_device(q=q, k=k)
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    B, S, _, D = q.shape
+    if k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, S={S}, Hkv, D={D}] like q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together (RoPE) or both be None")
+    if cos is not None:
+        if D % 2:
+            raise ValueError(f"RoPE rotates pairs of the head dim, which must be even, got D={D}")
+        for name, t in (("cos", cos), ("sin", sin)):
+            tensor(name, t, ndim=3, dtypes=(torch.float32,))
+            if t.shape[1] != S or t.shape[2] * 2 != D or t.shape[0] not in (1, B):
+                raise ValueError(f"{name} must be [B={B} or 1, S={S}, D/2={D // 2}], got {tuple(t.shape)}")
+        same_device(q=q, cos=cos, sin=sin)
+    if qk_norm_eps is not None and (isinstance(qk_norm_eps, bool) or not isinstance(qk_norm_eps, (int, float))
+                                    or not qk_norm_eps >= 0):
+        raise ValueError(f"qk_norm_eps must be a non-negative float or None, got {qk_norm_eps!r}")
+    if temperature is not None:
+        if not (isinstance(temperature, (tuple, list)) and len(temperature) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in temperature)):
+            raise TypeError(f"temperature must be a (floor_scale, attn_scale) pair of floats or None, "
+                            f"got {temperature!r}")
+        if not temperature[0] > 0:
+            raise ValueError(f"temperature's floor_scale must be positive, got {temperature[0]!r}")
+        if positions is None:
+            raise ValueError("positions is required with temperature: the query scale depends on the position")
+    if positions is not None:
+        if temperature is None:
+            raise ValueError("positions is only used by temperature (RoPE takes its angles from cos/sin): "
+                             "pass temperature or drop positions")
+        tensor("positions", positions, dtypes=(torch.int32, torch.int64))
+        if tuple(positions.shape) not in ((S,), (B, S)):
+            raise ValueError(f"positions must be [S={S}] or [B={B}, S={S}], got {tuple(positions.shape)}")
+        same_device(q=q, positions=positions)
+    if q_out is not None:
+        out_like(q_out, q, "q", "q_out")
+    if k_out is not None:
+        out_like(k_out, k, "k", "k_out")
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its interpreter (CPU tensors are then valid)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def out_like(out, like: torch.Tensor, like_name: str):
-    """`out` must be a tensor with `like`'s shape, dtype and device, and no broadcast
-    (stride-0) dimension, whose elements would overlap when written."""
-    tensor("out", out)
+def out_like(out, like: torch.Tensor, like_name: str, name: str = "out"):
+    """`out` (called `name` in errors) must be a tensor with `like`'s shape, dtype and device,
+    and no broadcast (stride-0) dimension, whose elements would overlap when written."""
+    tensor(name, out)
     if out.shape != like.shape:
-        raise ValueError(f"out must have {like_name}'s shape {tuple(like.shape)}, got {tuple(out.shape)}")
+        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(out.shape)}")
     if out.dtype != like.dtype:
-        raise TypeError(f"out must have {like_name}'s dtype {like.dtype}, got {out.dtype}")
+        raise TypeError(f"{name} must have {like_name}'s dtype {like.dtype}, got {out.dtype}")
     if out.device != like.device:
-        raise ValueError(f"out is on {out.device} but {like_name} is on {like.device}")
+        raise ValueError(f"{name} is on {out.device} but {like_name} is on {like.device}")
     if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
-        raise ValueError("out must not be a broadcast (stride-0) view: its elements would overlap")
+        raise ValueError(f"{name} must not be a broadcast (stride-0) view: its elements would overlap")

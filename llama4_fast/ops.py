@@ -85,3 +85,34 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if t.shape[1] != x.shape[1] or t.shape[2] * 2 != x.shape[3] or t.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"{name} must be [B or 1, S={x.shape[1]}, D/2={x.shape[3] // 2}], got {tuple(t.shape)}")
     return registry.call("rope", x, cos, sin)
+
+
+def qk_prologue(q: torch.Tensor, k: torch.Tensor, *, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None, qk_norm_eps: float | None = None,
+                positions: torch.Tensor | None = None, temperature: tuple[float, float] | None = None,
+                q_out: torch.Tensor | None = None, k_out: torch.Tensor | None = None):
+    """What Llama 4 does to q and k between the projections and attention, in one call.
+
+    q [B, S, Hq, D], k [B, S, Hkv, D] (float16/bfloat16/float32, one dtype, any strides, e.g.
+    views of the projection outputs). Applied in this order, each in fp32:
+
+    1. RoPE when cos, sin [B or 1, S, D/2] float32 are given (both or neither; D even):
+       the interleaved pairs of q and k as `ops.rope` rotates them;
+    2. qk-norm when qk_norm_eps is given: q and k as `ops.rms_norm(x, None, qk_norm_eps)`;
+    3. temperature when temperature=(floor_scale, attn_scale) is given, with positions [S] or
+       [B, S] int32/int64 (absolute positions; required with temperature and only used by it):
+       q times `log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`; k untouched.
+
+    RoPE layers: `qk_prologue(q, k, cos=cos, sin=sin, qk_norm_eps=eps or None)`; NoPE layers:
+    `qk_prologue(q, k, positions=pos, temperature=(floor_scale, attn_scale))`.
+
+    Returns (q', k') in the input dtype. q' is written whenever a step is set or q_out is
+    given; k' whenever RoPE or qk-norm is set or k_out is given. A written result goes into
+    q_out / k_out (shaped like q / k, any strides, e.g. a [B, S, Hkv, D] view of a KV cache;
+    must not overlap the inputs) or a new contiguous tensor; a tensor that is not written comes
+    back as it was given (no copy). The torch backend rounds to the input dtype between steps
+    as the separate ops do; the triton backend keeps fp32 throughout (one rounding).
+    """
+    checks.qk_prologue_args(q, k, cos, sin, qk_norm_eps, positions, temperature, q_out, k_out)
+    return registry.call("qk_prologue", q, k, cos=cos, sin=sin, qk_norm_eps=qk_norm_eps, positions=positions,
+                         temperature=None if temperature is None else tuple(temperature), q_out=q_out, k_out=k_out)

@@ -4,6 +4,8 @@ They restate the Llama 4 math of DESIGN.md independently of the code under test;
 backend and kernel is compared against these.
 """
 
+import math
+
 import torch
 
 
@@ -78,8 +80,19 @@ def rms_norm64(x, weight, eps):
 
 
 def rope64(x, positions, inv_freq):
-    """Interleaved-pair rotation as a complex product: x [B, S, H, D], positions [S]."""
-    angles = positions.double()[:, None] * inv_freq.double()[None]
-    rot = torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
+    """Interleaved-pair rotation as a complex product: x [B, S, H, D], positions [S] or [B, S]."""
+    angles = positions.double().reshape(-1, positions.shape[-1], 1) * inv_freq.double()  # [B or 1, S, D/2]
+    rot = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
     xc = torch.view_as_complex(x.double().unflatten(-1, (-1, 2)).contiguous())
     return torch.view_as_real(xc * rot).flatten(-2)
+
+
+def temperature64(q, positions, floor_scale, attn_scale):
+    """NoPE query scaling, q [B, S, H, D] times log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1
+    per position ([S] or [B, S]), with the floor taken exactly (Python integers / fractions)."""
+    from fractions import Fraction
+
+    pos = positions.reshape(-1, positions.shape[-1])
+    steps = [[math.floor(Fraction(int(p) + 1) / Fraction(floor_scale)) for p in row] for row in pos.tolist()]
+    scale = torch.log1p(torch.tensor(steps, dtype=torch.float64)) * attn_scale + 1.0
+    return q.double() * scale[:, :, None, None]

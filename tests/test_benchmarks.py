@@ -24,7 +24,7 @@ def test_quick_suite_writes_results(tmp_path):
     run = subprocess.run(["bash", str(SUITE), "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for bench in ("moe_dispatch", "attention", "hf_patch", "e2e"):
+    for bench in ("moe_dispatch", "attention", "qk_prologue", "hf_patch", "e2e"):
         files = list((tmp_path / "results").glob(f"{bench}-*.json"))
         assert len(files) == 1, f"{bench}: {files}"
         payload = json.loads(files[0].read_text())

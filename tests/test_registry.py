@@ -16,9 +16,9 @@ def scratch_op():
 
 def test_builtin_ops_and_backends_are_listed():
     available = registry.available()
-    for op in ("route", "fused_moe", "attention", "rms_norm", "rope"):
+    for op in ("route", "fused_moe", "attention", "rms_norm", "rope", "qk_prologue"):
         assert "torch" in available[op]
-    for op in ("route", "fused_moe", "attention"):
+    for op in ("route", "fused_moe", "attention", "qk_prologue"):
         assert available[op][0] == "triton"  # preferred where it supports the inputs
 
 

@@ -130,3 +130,28 @@ def rope(x, cos, sin):
     even, odd = xf[..., 0], xf[..., 1]
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+@registry.register("qk_prologue", "torch")
+def qk_prologue(q, k, *, cos=None, sin=None, qk_norm_eps=None, positions=None, temperature=None,
+                q_out=None, k_out=None):
+    """The separate ops chained as the model runs them (each rounds to the input dtype)."""
+    q_new = k_new = None
+    if cos is not None:
+        q_new, k_new = rope(q, cos, sin), rope(k, cos, sin)
+    if qk_norm_eps is not None:
+        q_new = rms_norm(q if q_new is None else q_new, None, qk_norm_eps)
+        k_new = rms_norm(k if k_new is None else k_new, None, qk_norm_eps)
+    if temperature is not None:
+        floor_scale, attn_scale = temperature
+        pos = positions.float()
+        scale = torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+        x = q if q_new is None else q_new
+        q_new = (x * scale.view(-1, x.shape[1], 1, 1)).to(x.dtype)  # [S] or [B, S] -> broadcast
+    results = []
+    for x, new, out in ((q, q_new, q_out), (k, k_new, k_out)):
+        if out is not None:
+            results.append(out.copy_(x if new is None else new))
+        else:
+            results.append(x if new is None else new.contiguous())
+    return tuple(results)

@@ -3,8 +3,8 @@
 Custom ops with fake (meta) implementations let `torch.compile` trace through them and keep
 them capturable in CUDA graphs. The backend supports CUDA tensors, and CPU tensors when
 TRITON_INTERPRET=1 (how the kernels are tested without a GPU). The interpreter multiplies raw
-bit patterns in bf16 `tl.dot` (triton issue 11584), so there it declines bf16 inputs and the
-registry falls through to the `torch` backend.
+bit patterns in bf16 `tl.dot` (triton issue 11584) and truncates fp32 -> bf16 casts, so there
+it declines bf16 inputs and the registry falls through to the `torch` backend.
 """
 
 from __future__ import annotations
@@ -64,6 +64,22 @@ def _(q, k, v, chunk_size, scale, kv_start_int, kv_start_tensor, kv_len):
     return torch.empty_like(q)
 
 
+# Writes its outputs in place, so the wrapper below allocates them (outside the op, where
+# torch.compile sees the allocation) and a pass-through tensor is never an output alias.
+@torch.library.custom_op("llama4_fast::qk_prologue", mutates_args=("q_out", "k_out"))
+def _qk_prologue(q: torch.Tensor, k: torch.Tensor, q_out: torch.Tensor | None, k_out: torch.Tensor | None,
+                 cos: torch.Tensor | None, sin: torch.Tensor | None, positions: torch.Tensor | None,
+                 qk_norm_eps: float | None, floor_scale: float | None, attn_scale: float | None) -> None:
+    temperature = None if floor_scale is None else (floor_scale, attn_scale)
+    kernels.qk_prologue(q, k, cos=cos, sin=sin, qk_norm_eps=qk_norm_eps, positions=positions,
+                        temperature=temperature, q_out=q_out, k_out=k_out)
+
+
+@_qk_prologue.register_fake
+def _(q, k, q_out, k_out, cos, sin, positions, qk_norm_eps, floor_scale, attn_scale):
+    return None
+
+
 def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
     return _route(router_logits, top_k, scoring, renormalize)
 
@@ -78,9 +94,21 @@ def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None):
     return _attention(q, k, v, chunk_size, scale, kv_start, None, kv_len)
 
 
+def qk_prologue(q, k, *, cos=None, sin=None, qk_norm_eps=None, positions=None, temperature=None,
+                q_out=None, k_out=None):
+    q_buf, k_buf = kernels.prologue.plan_outputs(q, k, q_out, k_out, rope=cos is not None,
+                                                 qk_norm=qk_norm_eps is not None, temperature=temperature is not None)
+    if q_buf is not None or k_buf is not None:
+        floor_scale, attn_scale = (None, None) if temperature is None else temperature
+        _qk_prologue(q, k, q_buf, k_buf, cos, sin, positions, qk_norm_eps, floor_scale, attn_scale)
+    return (q if q_buf is None else q_buf), (k if k_buf is None else k_buf)
+
+
 registry.register("route", "triton", route, priority=PRIORITY,
                   supports=lambda logits, *a, **kw: _supported(logits))
 registry.register("fused_moe", "triton", fused_moe, priority=PRIORITY,
                   supports=lambda x, w13, w2, w, ids, **kw: _supported(x, w13, w2, w, ids))
 registry.register("attention", "triton", attention, priority=PRIORITY,
                   supports=lambda q, k, v, **kw: _supported(q, k, v) and kernels.attention.supports_head_dim(q.shape[-1]))
+registry.register("qk_prologue", "triton", qk_prologue, priority=PRIORITY,
+                  supports=lambda q, k, **kw: _supported(q, k) and q.shape[-1] <= kernels.prologue.MAX_HEAD_DIM)

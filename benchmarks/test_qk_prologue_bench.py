@@ -1,0 +1,57 @@
+"""pytest-benchmark cases for the qk prologue (`pytest benchmarks --benchmark-only`).
+
+A few of benchmarks/qk_prologue.py's cases, today's torch chain against the fused kernel, so a
+change can be compared against a saved baseline. GPU: Llama 4 heads in bf16 at 8k prefill and
+batch-16 decode, each call synchronised; CPU: the same calls at toy sizes under the Triton
+interpreter. The script stays the way to get the tables with attention side by side.
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # before the kernels (and triton) are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_spec = importlib.util.spec_from_file_location("bench_qk_prologue", Path(__file__).with_name("qk_prologue.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16
+CFG = bench.FULL if HAS_CUDA else bench.QUICK_CPU
+HQ, HKV = CFG["heads"]
+D = CFG["head_dim"]
+# (batch, new tokens): a prefill and a batched decode step.
+CASES = [(1, 8192), (16, 1)] if HAS_CUDA else [(1, 40), (2, 1)]
+
+
+@pytest.mark.parametrize("impl", ["torch_chain", "fused"])
+@pytest.mark.parametrize("layer", bench.LAYERS)
+@pytest.mark.parametrize("batch,seq", CASES, ids=[f"B{b}-S{s}" for b, s in CASES])
+def test_qk_prologue(benchmark, batch, seq, layer, impl):
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET could be set")
+    qk = torch.randn(batch, seq, (HQ + HKV) * D, dtype=DTYPE, device=DEVICE)
+    q, k = qk[..., :HQ * D].unflatten(-1, (HQ, D)), qk[..., HQ * D:].unflatten(-1, (HKV, D))
+    positions = torch.arange(CFG["context"] - seq, CFG["context"], device=DEVICE) if seq == 1 else \
+        torch.arange(seq, device=DEVICE)
+    cos, sin = bench.rope_tables(positions, D)
+    fn = getattr(bench, impl)
+    benchmark.extra_info.update(batch=batch, seq=seq, layer=layer)
+
+    def call():
+        out = fn(layer, q, k, cos, sin, positions)
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        return out
+
+    call()  # compile outside the measurement
+    if HAS_CUDA:
+        benchmark(call)
+    else:  # the interpreter takes ~0.1 s a call: a few rounds are enough
+        benchmark.pedantic(call, rounds=3, iterations=1)
