@@ -159,15 +159,13 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim)
+        # RoPE + L2 qk-norm, or the NoPE temperature: one fused launch on the triton backend.
         if self.use_rope:
-            q, k = ops.rope(q, at.cos, at.sin), ops.rope(k, at.cos, at.sin)
-            if self.qk_norm_eps is not None:
-                q, k = ops.rms_norm(q, None, self.qk_norm_eps), ops.rms_norm(k, None, self.qk_norm_eps)
+            q, k = ops.qk_prologue(q, k, cos=at.cos, sin=at.sin, qk_norm_eps=self.qk_norm_eps)
         elif self.temperature is not None:
-            floor_scale, attn_scale = self.temperature
-            pos = at.positions.float()
-            scale = torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
-            q = (q * scale[:, :, None, None]).to(q.dtype)
+            # padding sits at negative positions, where the temperature is -inf: clamp to keep q finite
+            q, k = ops.qk_prologue(q, k, positions=at.positions.clamp(min=0).expand(B, S),
+                                   temperature=self.temperature)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kv_len = None
         if isinstance(at.col, torch.Tensor):
