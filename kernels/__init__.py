@@ -6,6 +6,7 @@ shapes are documented on each launcher. This package knows nothing of models or 
 
 from .attention import chunked_attention
 from .moe import fused_moe
+from .quant_matmul import quant_matmul, quantize_fp8_activations
 from .routing import route
 
-__all__ = ["route", "fused_moe", "chunked_attention"]
+__all__ = ["route", "fused_moe", "chunked_attention", "quant_matmul", "quantize_fp8_activations"]

@@ -42,6 +42,23 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
                          apply_router_weight_on_input=apply_router_weight_on_input)
 
 
+def quant_linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W for a quantized weight W (`llama4_fast.quant.Fp8Weight` or
+    `Int4Weight`, logical shape [K, N]), in x's dtype (float16/bfloat16/float32), accumulated
+    in fp32. FP8 weights quantize x at run time (per token, or per 1x128 group for block
+    scales; the token amax clamped to weight.act_scale_ub when set); INT4 is weight-only.
+    The kernel it stands for is `llama4_fast.kernels.quant_matmul` (weight as plain tensors)."""
+    from llama4_fast.quant import QuantWeight
+
+    checks.tensor("x", x, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    if not isinstance(weight, QuantWeight):
+        raise TypeError(f"weight must be an Fp8Weight or Int4Weight, got {type(weight).__name__}")
+    if len(weight.shape) != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight must be [K={x.shape[1]}, N], got {list(weight.shape)}")
+    checks.same_device(x=x, weight=weight.tensors()[0])
+    return registry.call("quant_linear", x, weight)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,
               scale: float | None = None, kv_start: int | torch.Tensor = 0) -> torch.Tensor:
     """Causal (optionally chunked) attention with grouped KV heads.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llama4_fast import registry
+from llama4_fast import quant, registry
 
 # Queries per block in the attention reference: bounds the [B, H, block, keys] score tensor.
 _ATTN_QUERY_BLOCK = 512
@@ -58,6 +58,11 @@ def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
             y = y * w
         out.index_add_(0, rows, y)
     return out.to(hidden_states.dtype)
+
+
+@registry.register("quant_linear", "torch")
+def quant_linear(x, weight):
+    return quant.quant_linear_ref(x, weight)
 
 
 def key_positions_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: int | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from llama4_fast import kernels, registry
+from llama4_fast.quant import Int4Weight
 
 PRIORITY = 10  # preferred over the torch reference wherever it supports the inputs
 
@@ -50,6 +51,26 @@ def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_rout
     return torch.empty_like(hidden_states)
 
 
+@torch.library.custom_op("llama4_fast::quant_linear", mutates_args=())
+def _quant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  weight_format: str, group_size: int, act_scale_ub: float | None) -> torch.Tensor:
+    return kernels.quant_matmul(x, qweight, scale, weight_format=weight_format, zero=zero, group_size=group_size,
+                                act_scale_ub=act_scale_ub)
+
+
+@_quant_linear.register_fake
+def _(x, qweight, scale, zero, weight_format, group_size, act_scale_ub):
+    return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+def _weight_args(w) -> tuple:
+    """A quant format object as the kernels' plain arguments: (qweight, scale, zero, format,
+    group_size, act_scale_ub)."""
+    if isinstance(w, Int4Weight):
+        return w.packed, w.scale, w.zero, "int4", w.group_size, None
+    return w.qweight, w.scale, None, w.kernel_format, 128, w.act_scale_ub
+
+
 # A custom-op schema cannot take "int or Tensor", so kv_start travels as both.
 @torch.library.custom_op("llama4_fast::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None, scale: float | None,
@@ -71,6 +92,10 @@ def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
     return _fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_router_weight_on_input)
 
 
+def quant_linear(x, weight):
+    return _quant_linear(x, *_weight_args(weight))
+
+
 def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0):
     if isinstance(kv_start, torch.Tensor):
         return _attention(q, k, v, chunk_size, scale, 0, kv_start)
@@ -83,3 +108,5 @@ registry.register("fused_moe", "triton", fused_moe, priority=PRIORITY,
                   supports=lambda x, w13, w2, w, ids, **kw: _supported(x, w13, w2, w, ids))
 registry.register("attention", "triton", attention, priority=PRIORITY,
                   supports=lambda q, k, v, **kw: _supported(q, k, v) and kernels.attention.supports_head_dim(q.shape[-1]))
+registry.register("quant_linear", "triton", quant_linear, priority=PRIORITY,
+                  supports=lambda x, weight: _supported(x, *weight.tensors()))
