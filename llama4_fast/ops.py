@@ -36,7 +36,23 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     Returns [T, H] in hidden_states' dtype: sum over the k choices of
     `down(silu(x_e @ gate) * (x_e @ up))` where `x_e = x * w` when apply_router_weight_on_input
     (Llama 4), else the expert output is multiplied by `w`. The shared expert is not included.
+
+    Quantized experts: gate_up_proj and down_proj may both be `llama4_fast.quant.Fp8Weight` or
+    both `Int4Weight` (logical shapes as above, one format); then the router weight multiplies
+    the fp32 GEMM result and FP8 formats quantize the activations at run time (see
+    `kernels.fused_moe`'s weight_format).
     """
+    from llama4_fast.quant import QuantWeight, expert_kernel_args
+
+    if isinstance(gate_up_proj, QuantWeight) or isinstance(down_proj, QuantWeight):
+        from llama4_fast.kernels.moe import quant_experts_args
+
+        kw = expert_kernel_args(gate_up_proj, down_proj)
+        w13, w2 = gate_up_proj.tensors()[0], down_proj.tensors()[0]
+        quant_experts_args(hidden_states, w13, w2, **kw)
+        checks.routing_args(hidden_states, topk_weights, topk_ids, w13.shape[0])
+        return registry.call("fused_moe", hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
+                             apply_router_weight_on_input=apply_router_weight_on_input)
     checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
     return registry.call("fused_moe", hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
                          apply_router_weight_on_input=apply_router_weight_on_input)

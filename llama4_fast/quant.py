@@ -262,3 +262,55 @@ def effective_activations(x: torch.Tensor, weight) -> torch.Tensor:
 def quant_linear_ref(x: torch.Tensor, weight) -> torch.Tensor:
     """y [M, N] = effective_activations(x) @ dequantize(W), in float32, cast to x's dtype."""
     return (effective_activations(x, weight) @ weight.dequantize(torch.float32)).to(x.dtype)
+
+
+def kernel_args(weight) -> dict:
+    """A format object as the kernels' keyword arguments (weight tensor under "qweight")."""
+    if isinstance(weight, Int4Weight):
+        return dict(qweight=weight.packed, weight_format="int4", scale=weight.scale, zero=weight.zero,
+                    group_size=weight.group_size, act_scale_ub=None)
+    return dict(qweight=weight.qweight, weight_format=weight.kernel_format, scale=weight.scale, zero=None,
+                group_size=128, act_scale_ub=weight.act_scale_ub)
+
+
+def expert_kernel_args(gate_up_proj, down_proj) -> dict:
+    """Quantized experts as `kernels.fused_moe` keyword arguments (besides the two weights).
+    Both must share one format (type, granularity, group size, zero points, act_scale_ub)."""
+    if type(gate_up_proj) is not type(down_proj) or not isinstance(gate_up_proj, QuantWeight):
+        raise TypeError(f"gate_up_proj and down_proj must both be Fp8Weight or both Int4Weight, got "
+                        f"{type(gate_up_proj).__name__} and {type(down_proj).__name__}")
+    a, b = kernel_args(gate_up_proj), kernel_args(down_proj)
+    same = (a["weight_format"] == b["weight_format"] and a["group_size"] == b["group_size"]
+            and a["act_scale_ub"] == b["act_scale_ub"] and (a["zero"] is None) == (b["zero"] is None))
+    if not same:
+        raise ValueError("gate_up_proj and down_proj must share one quantization format")
+    return dict(weight_format=a["weight_format"], gate_up_scale=a["scale"], down_scale=b["scale"],
+                gate_up_zero=a["zero"], down_zero=b["zero"], group_size=a["group_size"],
+                act_scale_ub=a["act_scale_ub"])
+
+
+def fused_moe_ref(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_router_weight_on_input=True):
+    """Routed experts with quantized weights in torch, only the selected experts dequantized
+    (one at a time): per expert, gu = (act(x) @ W13) * w (the router weight on the fp32
+    result), h = silu(gate) * up cast to x's dtype, y = act(h) @ W2 (* w when not on input),
+    where act() is `effective_activations` (FP8: quantized per token or 1x128 group)."""
+    T, H = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    inter = gate_up_proj.shape[-1] // 2
+    out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
+    flat_ids = topk_ids.reshape(-1).long()
+    flat_weights = topk_weights.reshape(-1).float()
+    for expert in flat_ids.unique().tolist():
+        pairs = (flat_ids == expert).nonzero()[:, 0]
+        rows = pairs // top_k
+        w = flat_weights[pairs, None]
+        w13, w2 = gate_up_proj.expert(expert), down_proj.expert(expert)
+        gu = effective_activations(hidden_states[rows], w13) @ w13.dequantize(torch.float32)
+        if apply_router_weight_on_input:
+            gu = gu * w
+        h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(hidden_states.dtype)
+        y = effective_activations(h, w2) @ w2.dequantize(torch.float32)
+        if not apply_router_weight_on_input:
+            y = y * w
+        out.index_add_(0, rows, y)
+    return out.to(hidden_states.dtype)

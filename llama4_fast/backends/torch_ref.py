@@ -32,6 +32,9 @@ def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
 @registry.register("fused_moe", "torch")
 def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
               apply_router_weight_on_input=True):
+    if isinstance(gate_up_proj, quant.QuantWeight):
+        return quant.fused_moe_ref(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
+                                   apply_router_weight_on_input)
     T, H = hidden_states.shape
     top_k = topk_ids.shape[1]
     inter = down_proj.shape[1]
