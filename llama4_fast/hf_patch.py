@@ -20,6 +20,12 @@ What is replaced, per module instance (the classes stay untouched unless `patch_
   masks with holes, custom overlays) fall back, with a one-time warning, to a dense mask and
   transformers' own SDPA attention.
 Projections, RoPE and temperature tuning stay transformers' own code.
+
+Quantized models: experts quantized by `llama4_fast.quantize` expose format objects that the
+patched MoE forward passes on; a model loaded by transformers with `fbgemm_fp8` (Maverick FP8)
+has its FbgemmFp8Llama4TextExperts and FbgemmFp8Linear weights wrapped, as stored, in
+`llama4_fast.quant.Fp8Weight` at patch time (`ops.fused_moe` / `ops.quant_linear`), so the
+fbgemm-gpu package is not needed.
 """
 
 from __future__ import annotations
@@ -67,10 +73,36 @@ def _router_forward(self, hidden_states):
 def _moe_forward(self, hidden_states):
     x = hidden_states.reshape(-1, self.hidden_dim)
     (weights, ids), router_logits = self.router(x)
-    routed = ops.fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+    gate_up, down = getattr(self.experts, _FP8_WEIGHTS, None) or (self.experts.gate_up_proj, self.experts.down_proj)
+    routed = ops.fused_moe(x, gate_up, down, weights, ids)
     out = self.shared_expert(x)
     out.add_(routed)
     return out, router_logits
+
+
+def _fp8_linear_forward(self, x):
+    y = ops.quant_linear(x.reshape(-1, self.in_features), getattr(self, _FP8_WEIGHTS))
+    y = y.view(*x.shape[:-1], self.out_features)
+    return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+# transformers' fbgemm_fp8 modules: the attribute that holds their weights as Fp8Weight
+_FP8_WEIGHTS = "_llama4_fast_fp8"
+
+
+def _fbgemm_weights(module):
+    """Fp8Weight views of an FbgemmFp8Linear ([N, K] weight, [N, 1] scale) or of
+    FbgemmFp8Llama4TextExperts' gate_up ([E, H, 2I], scale [E, 1, 2I]) and down ([E, I, H],
+    scale [E, H, 1]); the activation bound is the module's input_scale_ub (read once, here)."""
+    from llama4_fast.quant import Fp8Weight
+
+    ub = float(module.input_scale_ub.reshape(-1)[0])
+    ub = ub if ub > 0 else None
+    if hasattr(module, "gate_up_proj_scale"):
+        E = module.gate_up_proj.shape[0]
+        return (Fp8Weight(module.gate_up_proj, module.gate_up_proj_scale.float().reshape(E, -1), "channel", ub),
+                Fp8Weight(module.down_proj, module.down_proj_scale.float().reshape(E, -1), "channel", ub))
+    return Fp8Weight(module.weight.t(), module.weight_scale.float().reshape(-1), "channel", ub)
 
 
 def _rms_norm_forward(self, x):
@@ -216,6 +248,12 @@ def patch(model):
         fn = forwards.get(type(module))
         if fn is not None:
             undo.append(_set_forward(module, fn))
+        kind = type(module).__name__
+        if kind in ("FbgemmFp8Linear", "FbgemmFp8Llama4TextExperts"):
+            setattr(module, _FP8_WEIGHTS, _fbgemm_weights(module))
+            undo.append((module, _FP8_WEIGHTS, False, None))
+            if kind == "FbgemmFp8Linear":
+                undo.append(_set_forward(module, _fp8_linear_forward))
     configs = [(cfg, cfg._attn_implementation) for cfg in _text_configs(model)]
     for cfg, _ in configs:
         cfg._attn_implementation = ATTN_IMPLEMENTATION
