@@ -38,12 +38,13 @@ fi
 step moe_dispatch 220 $PY benchmarks/moe_dispatch.py $QUICK
 step attention 130 $PY benchmarks/attention.py $QUICK --budget-s 95
 step hf_patch 40 $PY benchmarks/hf_patch.py $QUICK
+step quant_matmul 90 $PY benchmarks/quant_matmul.py $QUICK --budget-s 60
 if [ -z "$QUICK" ]; then
   step gpu-tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests
 fi
 
 if [ -n "${OUT:-}" ]; then  # newest result of each benchmark back through $OUT
-  for bench in moe_dispatch attention hf_patch; do
+  for bench in moe_dispatch attention hf_patch quant_matmul; do
     for f in $(ls -t "$RESULTS"/${bench}-*.json 2>/dev/null | head -1) $(ls -t "$RESULTS"/${bench}-*.png 2>/dev/null | head -1); do
       cp "$f" "$OUT/"
     done

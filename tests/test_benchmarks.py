@@ -24,10 +24,23 @@ def test_quick_suite_writes_results(tmp_path):
     run = subprocess.run(["bash", str(SUITE), "--quick"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for bench in ("moe_dispatch", "attention", "hf_patch"):
+    for bench in ("moe_dispatch", "attention", "hf_patch", "quant_matmul"):
         files = list((tmp_path / "results").glob(f"{bench}-*.json"))
         assert len(files) == 1, f"{bench}: {files}"
         payload = json.loads(files[0].read_text())
         assert payload["environment"]["torch"] and payload["bench"] == bench
         assert list((tmp_path / "out").glob(f"{bench}-*.json")), f"{bench} result not copied to $OUT"
     assert "=== done, status 0" in (tmp_path / "out" / "gpu_suite.log").read_text()
+
+
+@pytest.mark.parametrize("weights", ["fp8", "int4"])
+def test_moe_dispatch_with_quantized_experts_dry_run(tmp_path, weights):
+    env = dict(os.environ, LLAMA4_FAST_RESULTS=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run([sys.executable, "benchmarks/moe_dispatch.py", "--quick", "--weights", weights, "--no-shared",
+                          "--tokens", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    [path] = tmp_path.glob(f"moe_dispatch_{weights}-*.json")
+    payload = json.loads(path.read_text())
+    assert payload["weights"] == weights
+    row = payload["shapes"][0]["rows"][0]
+    assert row["rel_err_vs_loop"] < 1e-2  # ours against the torch reference on the same quantized experts
