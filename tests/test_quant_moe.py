@@ -131,3 +131,28 @@ def test_bf16_real_shapes_gpu(kind, option):
         with registry.use(fused_moe="torch"):
             ref = ops.fused_moe(x.float(), w13, w2, weights, ids)
         assert_close(run(x, w13, w2, weights, ids), ref, tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,option", [("fp8", "channel"), ("int4", True)])
+def test_quantized_decode_step_captures_in_cuda_graph(kind, option):
+    """route + quantized fused_moe + quant_linear launch without host synchronisation."""
+    from llama4_fast.kernels import route
+    E, H, I, T = 16, 512, 1024, 4
+    x, w13, w2, _, _ = make_inputs(T, E, H, I, 1, kind, option, torch.bfloat16, "cuda")
+    lin = quantize_experts(kind, option, torch.randn(H, 256, device="cuda") * H ** -0.5)
+    logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        weights, ids = route(logits, 1)
+        return ops.fused_moe(x, w13, w2, weights, ids), ops.quant_linear(x, lin)
+
+    eager = step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
