@@ -96,6 +96,17 @@ def test_int4_save_and_reload_gives_identical_outputs(tmp_path):
         llama4_fast.save_quantized(Llama4.from_hf(tiny_hf_model(seed=6, **SMALL)), tmp_path / "x")
 
 
+@pytest.mark.usefixtures("torch_backend_on_cpu")
+@torch.no_grad()
+def test_int4_transformers_model_save_and_reload(tmp_path):
+    hf = llama4_fast.quantize(tiny_hf_model(seed=9, **SMALL), "int4", group_size=64, attention=True)
+    llama4_fast.save_quantized(hf, tmp_path)  # tied embeddings: stored once each, reloaded tied
+    fresh = llama4_fast.load_quantized(tiny_hf_model(seed=10, **SMALL), tmp_path)
+    assert isinstance(fresh.model.layers[0].self_attn.o_proj, QuantLinear)
+    ids = torch.randint(3, 1024, (1, 15))
+    assert torch.equal(fresh(ids).logits, hf(ids).logits)
+
+
 @torch.no_grad()
 def test_quantized_thin_model_on_the_triton_backend():
     """The quantized ops reached through the model run the Triton kernels (interpreter on CPU)
