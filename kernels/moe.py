@@ -27,6 +27,13 @@ For hidden_states x [T, H], experts gate_up_proj [E, H, 2I] / down_proj [E, I, H
    sum of the splits, then SwiGLU (gate_up) or the sum over the k slots (down). Splitting is
    decided per call from the tile count and the SM count, never at prefill.
 
+Quantized experts (FP8 per-channel / per-tensor / 128x128 blocks, INT4 group-wise; layouts in
+dequant.py) take the same two GEMMs with a constexpr WEIGHT_FORMAT: each K step calls
+dequant.dequant_dot (FP8 rowwise scales in the epilogue), FP8 activations (x, then h) are
+quantized per token on the device first, and the router weight still scales the fp32 result.
+WEIGHT_FORMAT=DENSE keeps the 16-bit path's K loop and epilogue as they were (same PTX for
+sm90, checked by compiling both versions).
+
 Launch configs come from a per-shape H100 table (configs/moe_h100.json) keyed by tokens per
 expert, else from a heuristic; each (bucket, dtype, flags) is one compiled variant, never an
 autotune sweep (split counts are runtime arguments, not compile-time constants). Row offsets
@@ -368,7 +375,7 @@ def _use_table(device: torch.device) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class QuantExperts:
+class ExpertQuant:
     """Quantized expert weights for `fused_moe` (formats: dequant.py), validated.
 
     code: dequant.py's WEIGHT_FORMAT; gate_up_scale / down_scale viewed as [E, K groups, N
@@ -398,9 +405,9 @@ class QuantExperts:
 
 
 def quant_experts_args(hidden_states, gate_up_proj, down_proj, weight_format, gate_up_scale, down_scale,
-                       gate_up_zero, down_zero, group_size, act_scale_ub) -> QuantExperts:
+                       gate_up_zero, down_zero, group_size, act_scale_ub) -> ExpertQuant:
     """Validate quantized experts (logical gate_up [E, H, 2I], down [E, I, H]; INT4 packed along
-    K: [E, H / 2, 2I] and [E, I / 2, H]) and return them as a QuantExperts."""
+    K: [E, H / 2, 2I] and [E, I / 2, H]) and return them as an ExpertQuant."""
     checks.tensor("hidden_states", hidden_states, ndim=2, dtypes=checks.FLOAT_DTYPES)
     checks.tensor("gate_up_proj", gate_up_proj, ndim=3)
     checks.tensor("down_proj", down_proj, ndim=3)
@@ -421,7 +428,7 @@ def quant_experts_args(hidden_states, gate_up_proj, down_proj, weight_format, ga
     if gate_up_zero is not None:
         tensors.update(gate_up_zero=gate_up_zero, down_zero=down_zero)
     checks.same_device(**tensors)
-    return QuantExperts(code, s13, s2, gate_up_zero, down_zero, group_size if int4 else 128,
+    return ExpertQuant(code, s13, s2, gate_up_zero, down_zero, group_size if int4 else 128,
                         None if act_scale_ub is None else float(act_scale_ub))
 
 
@@ -480,7 +487,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
 
 
 def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                  top_k: int, quant: QuantExperts | None = None) -> MoeConfig:
+                  top_k: int, quant: ExpertQuant | None = None) -> MoeConfig:
     """The MoeConfig that `fused_moe` uses for these inputs (same shapes as fused_moe): the
     H100 table on sm90 for 16-bit dtypes, else the heuristic; split_k for this device.
     Quantized experts take the heuristic with K steps inside one scale group."""
@@ -496,7 +503,7 @@ def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_
 
 
 def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig,
-            quant: QuantExperts | None = None):
+            quant: ExpertQuant | None = None):
     """Run fused_moe with an explicit config (validated inputs, T > 0)."""
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[2] // 2
