@@ -8,7 +8,7 @@ router weight on the GEMM result). Outputs are NaN-poisoned; interpreter shapes 
 
 import pytest
 import torch
-from helpers import assert_close, poisoned
+from helpers import assert_close, poisoned, rel_err
 
 from llama4_fast import ops, registry
 from llama4_fast.kernels import fused_moe, moe
@@ -156,3 +156,25 @@ def test_quantized_decode_step_captures_in_cuda_graph(kind, option):
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind,option", [("fp8", "channel"), ("int4", False)])
+def test_quantized_ops_trace_whole_in_torch_compile(device, kind, option):
+    """Format objects pass through ops.fused_moe / ops.quant_linear without graph breaks
+    (fullgraph); on a GPU with inductor and CUDA graphs (reduce-overhead), on CPU with the
+    eager backend (the custom ops run the interpreter kernels)."""
+    x, w13, w2, _, _ = make_inputs(4, 4, 64, 32, 1, kind, option, device=device)
+    lin = quantize_experts(kind, option, torch.randn(64, 48, device=device) * 0.125)
+    router = torch.randn(64, 4, device=device).to(x.dtype)
+
+    def step(x):
+        weights, ids = ops.route(x @ router, 1)
+        return ops.fused_moe(x, w13, w2, weights, ids), ops.quant_linear(x, lin)
+
+    eager = step(x)
+    on_gpu = device == "cuda"
+    compiled = torch.compile(step, fullgraph=True, **({"mode": "reduce-overhead"} if on_gpu else {"backend": "eager"}))
+    for _ in range(3 if on_gpu else 1):  # GPU: warm-up, then CUDA-graph replays
+        out = compiled(x)
+    for a, b in zip(out, eager):
+        assert torch.equal(a, b) if not on_gpu else rel_err(a, b) < 1e-2  # inductor may fuse x @ router
