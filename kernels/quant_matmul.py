@@ -30,8 +30,6 @@ from .dequant import (FORMATS, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_MAX, INT4_ASYM, IN
 
 MIN_FP8_SCALE = 1.0 / (FP8_MAX * 512.0)  # floor of an activation scale: an all-zero row stays finite
 _DECODE_MAX_M = 16
-_MAX_SPLIT_K = 8
-_MIN_K_TILES_PER_SPLIT = 4
 
 
 @triton.jit(do_not_specialize=["M", "num_splits"])
@@ -262,18 +260,17 @@ def launch_config(M: int, N: int, K: int, code: int, group_size: int, num_sms: i
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split_k) for one call.
 
     BLOCK_K divides the format's K group (int4: group_size; fp8_block: 128) so one K step has
-    one scale. Decode (M <= 16) splits K until the column tiles cover the SMs, keeping at least
-    _MIN_K_TILES_PER_SPLIT steps per split for the software pipeline."""
+    one scale. Decode (M <= 16) splits K by the grouped MoE GEMM's model (moe._split_k: the
+    busiest SM's share of the work, at least 4 K steps per split), e.g. TP8's N = 1024 (16
+    column tiles) 8 ways, N = 5120 (80 tiles) 3 ways on 132 SMs."""
     k_cap = group_size if code in (INT4_SYM.value, INT4_ASYM.value) else FP8_BLOCK_SIZE.value
     k_fit = max(16, triton.next_power_of_2(K))
     n_fit = max(16, triton.next_power_of_2(N))
     if M <= _DECODE_MAX_M:
+        from . import moe  # the split model lives with the grouped GEMM (moe imports this module)
+
         block_m, block_n, block_k, group_m, warps, stages = 16, min(64, n_fit), min(128, k_cap, k_fit), 1, 4, 4
-        tiles = triton.cdiv(N, block_n)
-        max_split = max(1, min(_MAX_SPLIT_K, triton.cdiv(K, block_k) // _MIN_K_TILES_PER_SPLIT))
-        split = 1
-        if tiles < num_sms:
-            split = min(max_split, max(1, num_sms // tiles))
+        split = moe._split_k(moe.GemmConfig(block_n, block_k, group_m, warps, stages), 1, N, K, num_sms)
         return block_m, block_n, block_k, group_m, warps, stages, split
     block_m = 64 if M <= 64 else 128
     block_k = min(64 if code in (INT4_SYM.value, INT4_ASYM.value) else 128, k_cap, k_fit)
