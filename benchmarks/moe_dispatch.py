@@ -18,6 +18,12 @@ a PNG beside it and a markdown table per shape.
     python benchmarks/moe_dispatch.py                      # the full run (~4 min on an H100)
     python benchmarks/moe_dispatch.py --shapes maverick-tp8 --tokens 1 8 64
     python benchmarks/moe_dispatch.py --quick              # toy sizes; runs on CPU (interpreter)
+    python benchmarks/moe_dispatch.py --weights int4       # ours with INT4 experts (group 128)
+
+--weights fp8|int4 runs ours on quantized experts (per-channel FP8 with per-token activations,
+or symmetric INT4 in groups of 128) against the same bf16 baselines; the roofline then counts
+the quantized expert bytes (with scales), and ours is checked against the torch reference on
+the same quantized weights instead of the bf16 loop.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import fused_moe, route  # noqa: E402
 from llama4_fast.kernels.moe import launch_config  # noqa: E402
 from llama4_fast.kernels.routing import dispatch_metadata  # noqa: E402
+from llama4_fast.quant import expert_kernel_args  # noqa: E402
+from llama4_fast.quant_model import quantize_weight  # noqa: E402
 
 SHAPES = {  # name: (E, H, I)
     "scout": (16, 5120, 8192),
@@ -72,9 +80,23 @@ def torch_router(logits, top_k):
     return torch.sigmoid(top.float()), ids
 
 
-def ours(x, logits, w13, w2, out=None):
+def ours(x, logits, w13, w2, out=None, quant_kwargs=None):
+    """quant_kwargs: None (w13, w2 in x's dtype) or fused_moe's quantized-weight arguments."""
     weights, ids = route(logits, TOP_K)
-    return fused_moe(x, w13, w2, weights, ids, out=out)
+    return fused_moe(x, w13, w2, weights, ids, out=out, **(quant_kwargs or {}))
+
+
+QUANT_SCHEMES = {"fp8": "fp8", "int4": "int4"}  # --weights -> llama4_fast.quantize scheme
+INT4_GROUP, QUICK_INT4_GROUP = 128, 32  # the toy shape's I = 32
+
+
+def quantized_experts(w13, w2, weights: str, group_size: int = INT4_GROUP):
+    """(w13 tensor, w2 tensor, fused_moe keyword arguments, bytes per expert) of the experts
+    quantized as --weights says; the format objects are built once, outside the timing."""
+    q13 = quantize_weight(w13, QUANT_SCHEMES[weights], group_size)
+    q2 = quantize_weight(w2, QUANT_SCHEMES[weights], group_size)
+    per_expert = sum(t[0].numel() * t.element_size() for q in (q13, q2) for t in q.tensors())
+    return q13, q2, expert_kernel_args(q13, q2), per_expert
 
 
 def dense(x, logits, w13, w2):
@@ -154,9 +176,13 @@ def _dense_temp_bytes(T, E, H, I, elem):
     return E * T * (2 * H + 3 * I) * elem
 
 
-def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason):
-    """Time every implementation at one batch size; returns one result row."""
+def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quant=None):
+    """Time every implementation at one batch size; returns one result row. quant: None, or
+    quantized_experts(...) for ours (the baselines keep the bf16 w13, w2)."""
     elem = dtype.itemsize
+    ours_w13, ours_w2, ours_kw = (w13, w2, None) if quant is None else (quant[0].tensors()[0], quant[1].tensors()[0],
+                                                                          quant[2])
+    expert_bytes = 3 * H * I * elem if quant is None else quant[3]
     gen = torch.Generator(device=dev).manual_seed(SEED + T)
 
     def make_set():
@@ -165,13 +191,13 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason):
         return x, logits
 
     expected_touched = E * (1 - (1 - 1 / E) ** (T * TOP_K))
-    nxt = rotating(make_set, int(expected_touched * 3 * H * I * elem + 2 * T * H * elem))
+    nxt = rotating(make_set, int(expected_touched * expert_bytes + 2 * T * H * elem))
     first = nxt()
     sets = [first]
     while (s := nxt()) is not first:
         sets.append(s)
     touched = sum(torch.topk(lg, TOP_K, dim=-1).indices.unique().numel() for _, lg in sets) / len(sets)
-    bytes_moved = touched * 3 * H * I * elem + T * (2 * H + E) * elem
+    bytes_moved = touched * expert_bytes + T * (2 * H + E) * elem
     flops = 2 * T * TOP_K * H * 3 * I
     row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}}
 
@@ -188,17 +214,19 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason):
                 traceback.print_exc()
             return None
 
-    t_ours = timed("ours", lambda x, lg: ours(x, lg, w13, w2))
+    t_ours = timed("ours", lambda x, lg: ours(x, lg, ours_w13, ours_w2, quant_kwargs=ours_kw))
     if t_ours is not None:
         row.update({f"ours_{k}": v for k, v in roofline(t_ours, bytes_moved, flops, ceilings).items()})
         # A number for a wrong answer is worthless: check ours against the loop baseline.
         x0, lg0 = sets[0]
-        ref = loop(x0, lg0, w13, w2).float()
-        row["rel_err_vs_loop"] = ((ours(x0, lg0, w13, w2).float() - ref).norm() / ref.norm()).item()
+        # (quantized: the torch reference on the same quantized experts)
+        ref = (loop(x0, lg0, w13, w2) if quant is None else loop(x0, lg0, quant[0], quant[1])).float()
+        got = ours(x0, lg0, ours_w13, ours_w2, quant_kwargs=ours_kw).float()
+        row["rel_err_vs_loop"] = ((got - ref).norm() / ref.norm()).item()
     row["roofline_us"] = roofline(1.0, bytes_moved, flops, ceilings)["roofline_us"]  # time-independent
 
     # Routing overhead alone: what fused_moe adds before its GEMMs.
-    cfg = launch_config(sets[0][0], w13, w2, TOP_K)
+    cfg = launch_config(sets[0][0], ours_w13, ours_w2, TOP_K)
 
     def routing_only(x, lg):
         _, ids = route(lg, TOP_K)
@@ -214,11 +242,11 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason):
             graphs = []
             for x, lg in sets:
                 out = torch.empty_like(x)
-                ours(x, lg, w13, w2, out)
+                ours(x, lg, ours_w13, ours_w2, out, ours_kw)
                 torch.cuda.synchronize()
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
-                    ours(x, lg, w13, w2, out)
+                    ours(x, lg, ours_w13, ours_w2, out, ours_kw)
                 graphs.append(g)
             replays = itertools.cycle(graphs)
             t = timed("ours_graph", lambda *_: next(replays).replay())
@@ -252,21 +280,25 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason):
     return row
 
 
-def bench_shared(T, E, H, I, w13, w2, dtype, dev, ceilings):
-    """ours + the shared expert (a plain SwiGLU MLP of the same intermediate size)."""
+def bench_shared(T, E, H, I, w13, w2, dtype, dev, ceilings, quant=None):
+    """ours + the shared expert (a plain SwiGLU MLP of the same intermediate size, bf16)."""
     elem = dtype.itemsize
+    if quant is not None:
+        w13, w2 = quant[0].tensors()[0], quant[1].tensors()[0]
+    expert_bytes = 3 * H * I * elem if quant is None else quant[3]
+    kw = None if quant is None else quant[2]
     gen = torch.Generator(device=dev).manual_seed(SEED + 7 * T)
     wg_u = torch.randn(H, 2 * I, device=dev, dtype=dtype, generator=gen).mul_(0.02)
     wd = torch.randn(I, H, device=dev, dtype=dtype, generator=gen).mul_(0.02)
     x = torch.randn(T, H, device=dev, dtype=dtype, generator=gen)
     logits = torch.randn(T, E, device=dev, dtype=dtype, generator=gen)
     touched = torch.topk(logits, TOP_K, dim=-1).indices.unique().numel()
-    bytes_moved = (touched + 1) * 3 * H * I * elem + T * (2 * H + E) * elem
+    bytes_moved = touched * expert_bytes + 3 * H * I * elem + T * (2 * H + E) * elem
     flops = 2 * T * (TOP_K + 1) * H * 3 * I
     row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}}
     try:
         row["shared_only_us"] = time_us(lambda: shared_mlp(x, wg_u, wd), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
-        t = time_us(lambda: shared_mlp(x, wg_u, wd) + ours(x, logits, w13, w2), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
+        t = time_us(lambda: shared_mlp(x, wg_u, wd) + ours(x, logits, w13, w2, quant_kwargs=kw), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
         row["ours_shared_us"] = t
         row.update({f"ours_shared_{k}": v for k, v in roofline(t, bytes_moved, flops, ceilings).items()})
     except Exception as e:  # noqa: BLE001
@@ -341,6 +373,8 @@ def main(argv=None):
     p.add_argument("--max-baseline-ms", type=float, default=100.0,
                    help="skip a baseline case whose estimated time exceeds this (printed as '-')")
     p.add_argument("--no-shared", action="store_true", help="skip the with-shared-expert row set")
+    p.add_argument("--weights", choices=("bf16", "fp8", "int4"), default="bf16",
+                   help="expert weights of ours (the baselines stay bf16)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
     args = p.parse_args(argv)
 
@@ -356,36 +390,39 @@ def main(argv=None):
     if gmm_reason:
         print(f"grouped_mm baseline off: {gmm_reason}")
 
-    results = {"ceilings": ceilings, "top_k": TOP_K, "dtype": str(dtype), "quick": args.quick,
+    results = {"ceilings": ceilings, "top_k": TOP_K, "dtype": str(dtype), "weights": args.weights, "quick": args.quick,
                "max_baseline_ms": args.max_baseline_ms, "shapes": []}
     path = None
     for name in names:
         E, H, I = shape_table[name]
-        print(f"\n## {name}: E={E}, H={H}, I={I}, top-{TOP_K}, {str(dtype).replace('torch.', '')}", flush=True)
+        print(f"\n## {name}: E={E}, H={H}, I={I}, top-{TOP_K}, {str(dtype).replace('torch.', '')}, "
+              f"ours with {args.weights} experts", flush=True)
         gen = torch.Generator(device=dev).manual_seed(SEED)
         w13 = torch.randn(E, H, 2 * I, device=dev, dtype=dtype, generator=gen).mul_(0.02)
         w2 = torch.randn(E, I, H, device=dev, dtype=dtype, generator=gen).mul_(0.02)
+        quant = None if args.weights == "bf16" else \
+            quantized_experts(w13, w2, args.weights, QUICK_INT4_GROUP if args.quick else INT4_GROUP)
         shape = {"name": name, "E": E, "H": H, "I": I, "rows": [], "shared_rows": []}
         results["shapes"].append(shape)
         for T in tokens:
-            row = bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason)
+            row = bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quant)
             shape["rows"].append(row)
             print(f"  T={T}: ours {row.get('ours_us', float('nan')):.1f} us "
                   f"({row.get('ours_pct_roofline', float('nan')):.0f}% of roofline)", flush=True)
         if not args.no_shared:
             for T in [t for t in tokens if t in SHARED_TOKENS] or tokens[:1]:
-                shape["shared_rows"].append(bench_shared(T, E, H, I, w13, w2, dtype, dev, ceilings))
+                shape["shared_rows"].append(bench_shared(T, E, H, I, w13, w2, dtype, dev, ceilings, quant))
         print()
         print(markdown_table(shape["rows"], COLUMNS))
         if shape["shared_rows"]:
             print(f"\nwith the shared expert ({name}):\n")
             print(markdown_table(shape["shared_rows"], SHARED_COLUMNS))
-        del w13, w2
+        del w13, w2, quant
         if dev == "cuda":
             torch.cuda.empty_cache()
         # Written after every shape (replacing the previous file), so a run cut short by a
         # time limit still leaves its finished shapes.
-        new_path = write_results("moe_dispatch", results)
+        new_path = write_results("moe_dispatch" if args.weights == "bf16" else f"moe_dispatch_{args.weights}", results)
         if path is not None and path != new_path:
             path.unlink(missing_ok=True)
             path.with_suffix(".png").unlink(missing_ok=True)

@@ -7,6 +7,7 @@ shapes are documented on each launcher. This package knows nothing of models or 
 from .attention import chunked_attention
 from .moe import fused_moe
 from .prologue import qk_prologue
+from .quant_matmul import quant_matmul, quantize_fp8_activations
 from .routing import route
 
-__all__ = ["route", "fused_moe", "chunked_attention", "qk_prologue"]
+__all__ = ["route", "fused_moe", "chunked_attention", "qk_prologue", "quant_matmul", "quantize_fp8_activations"]

@@ -73,6 +73,16 @@ def moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids):
     inter = two_i // 2
     if tuple(down_proj.shape) != (E, inter, H):
         raise ValueError(f"down_proj must be [E={E}, I={inter}, H={H}], got {tuple(down_proj.shape)}")
+    routing_args(hidden_states, topk_weights, topk_ids, E)
+
+
+def routing_args(hidden_states, topk_weights, topk_ids, num_experts: int):
+    """topk_weights [T, k] float and topk_ids [T, k] integer for hidden_states [T, H], with
+    k <= num_experts and (on CPU) every id in [0, num_experts)."""
+    tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES)
+    tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64))
+    same_device(hidden_states=hidden_states, topk_weights=topk_weights, topk_ids=topk_ids)
+    T, E = hidden_states.shape[0], num_experts
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
                          f"must both be [T={T}, top_k]")

@@ -27,6 +27,13 @@ For hidden_states x [T, H], experts gate_up_proj [E, H, 2I] / down_proj [E, I, H
    sum of the splits, then SwiGLU (gate_up) or the sum over the k slots (down). Splitting is
    decided per call from the tile count and the SM count, never at prefill.
 
+Quantized experts (FP8 per-channel / per-tensor / 128x128 blocks, INT4 group-wise; layouts in
+dequant.py) take the same two GEMMs with a constexpr WEIGHT_FORMAT: each K step calls
+dequant.dequant_dot (FP8 rowwise scales in the epilogue), FP8 activations (x, then h) are
+quantized per token on the device first, and the router weight still scales the fp32 result.
+WEIGHT_FORMAT=DENSE keeps the 16-bit path's K loop and epilogue as they were (same PTX for
+sm90, checked by compiling both versions).
+
 Launch configs come from a per-shape H100 table (configs/moe_h100.json) keyed by tokens per
 expert, else from a heuristic; each (bucket, dtype, flags) is one compiled variant, never an
 autotune sweep (split counts are runtime arguments, not compile-time constants). Row offsets
@@ -46,6 +53,8 @@ import triton
 import triton.language as tl
 
 from . import checks
+from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
+from .quant_matmul import format_code, quant_weight_args, quantize_fp8_activations
 from .routing import dispatch_metadata
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "moe_h100.json"
@@ -66,6 +75,10 @@ def _moe_gemm_kernel(
     a_ptr, stride_am, stride_ak,
     # B: expert weights [E, K, N_total] (gate_up_proj: N_total = 2N; down_proj: N_total = N)
     b_ptr, stride_be, stride_bk, stride_bn,
+    # quantized B only (WEIGHT_FORMAT != DENSE): scales [E, K groups, N_total groups], INT4 zero
+    # points [E, K groups, N_total], FP8 activation scales of A's rows [rows, K groups] (dequant.py)
+    bs_ptr, stride_bse, stride_bsk, stride_bsn, bz_ptr, stride_bze, stride_bzk, stride_bzn,
+    as_ptr, stride_asm, stride_ask,
     # C rows are pair indices: h [P, N], fp32 partials [splits, P, N or 2N], or out [T, N] (top-1)
     c_ptr, stride_cm, stride_cn, c_split_stride,
     # routing: flat topk_ids / topk_weights [P], and the dispatch metadata (unused when DIRECT)
@@ -79,6 +92,8 @@ def _moe_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, BLOCK_B: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr = DENSE,  # dequant.py's formats; DENSE: B in A's dtype
+    GROUP_K: tl.constexpr = 128,          # K rows per scale group of a quantized B
 ):
     # -- which tile: grouped ordering, so the CTAs resident at once share B column blocks
     # (several row blocks of one expert) and A row blocks (several column blocks).
@@ -132,21 +147,42 @@ def _moe_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if WEIGHT_FORMAT != DENSE:
+        bs_base = bs_ptr + expert.to(tl.int64) * stride_bse
+        bz_base = bz_ptr + expert.to(tl.int64) * stride_bze
+        a_group_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)  # read by FP8_BLOCK only
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         a_mask = row_mask[:, None] & (kk < K)[None, :]
         a = tl.load(a_rows_ptrs + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
-        b_ptrs = b_base + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn
-        b_mask = (kk < K)[:, None] & n_mask[None, :]
-        acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
-        if GATED:
-            b_up = tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        if WEIGHT_FORMAT == DENSE:
+            b_ptrs = b_base + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn
+            b_mask = (kk < K)[:, None] & n_mask[None, :]
+            acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+            if GATED:
+                b_up = tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        else:
+            if WEIGHT_FORMAT == FP8_BLOCK:
+                a_group_scale = tl.load(as_ptr + a_rows * stride_asm + (k0 // FP8_BLOCK_SIZE) * stride_ask,
+                                        mask=row_mask, other=0.0)
+            acc = dequant_dot(acc, a, a_group_scale, b_base, stride_bk, stride_bn, bs_base, stride_bsk, stride_bsn,
+                              bz_base, stride_bzk, stride_bzn, k0, offs_n, n_mask, K,
+                              WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION)
+            if GATED:  # the up columns are N + n of the same expert matrix
+                acc_up = dequant_dot(acc_up, a, a_group_scale, b_base, stride_bk, stride_bn, bs_base, stride_bsk,
+                                     stride_bsn, bz_base, stride_bzk, stride_bzn, k0, offs_n + N, n_mask, K,
+                                     WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION)
 
     # -- epilogue: rows go back to their pair (or, top-1, token) row; nothing is permuted.
     c_ptrs = (c_ptr + pid_s.to(tl.int64) * c_split_stride
               + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn)
     c_mask = row_mask[:, None] & n_mask[None, :]
+    if WEIGHT_FORMAT == FP8_ROWWISE:  # per-token activation scale x per-channel weight scale
+        a_scale = tl.load(as_ptr + a_rows * stride_asm, mask=row_mask, other=0.0)
+        acc = rowwise_epilogue(acc, a_scale, bs_base, stride_bsn, offs_n, n_mask, WEIGHT_FORMAT)
+        if GATED:
+            acc_up = rowwise_epilogue(acc_up, a_scale, bs_base, stride_bsn, offs_n + N, n_mask, WEIGHT_FORMAT)
     if SCALE_C:  # the router weight on the GEMM result rows: w * (a @ B) == (w * a) @ B
         acc = acc * router_w[:, None]
         if GATED:
@@ -338,9 +374,71 @@ def _use_table(device: torch.device) -> bool:
 # launcher
 # ----------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ExpertQuant:
+    """Quantized expert weights for `fused_moe` (formats: dequant.py), validated.
+
+    code: dequant.py's WEIGHT_FORMAT; gate_up_scale / down_scale viewed as [E, K groups, N
+    groups] (broadcast dimensions with stride 0); zeros only for INT4_ASYM; group_k the K rows
+    per scale (int4 group size, 128 for fp8_block; FP8 per-channel weights have no K groups);
+    act_scale_ub bounds FP8 activation amaxes."""
+    code: int
+    gate_up_scale: torch.Tensor
+    down_scale: torch.Tensor
+    gate_up_zero: torch.Tensor | None
+    down_zero: torch.Tensor | None
+    group_k: int
+    act_scale_ub: float | None
+
+    @property
+    def fp8(self) -> bool:
+        return self.code not in (INT4_SYM.value, INT4_ASYM.value)
+
+    def quantize_activations(self, a: torch.Tensor):
+        """(A operand, its scales [rows, K groups]) for a GEMM: FP8 formats quantize a per row
+        (per 1x128 group for fp8_block); INT4 leaves a as is (scales: a placeholder)."""
+        if not self.fp8:
+            return a, a
+        q, s = quantize_fp8_activations(a, group_size=128 if self.code == FP8_BLOCK.value else None,
+                                        scale_ub=self.act_scale_ub)
+        return q, (s if s.dim() == 2 else s[:, None])
+
+
+def quant_experts_args(hidden_states, gate_up_proj, down_proj, weight_format, gate_up_scale, down_scale,
+                       gate_up_zero, down_zero, group_size, act_scale_ub) -> ExpertQuant:
+    """Validate quantized experts (logical gate_up [E, H, 2I], down [E, I, H]; INT4 packed along
+    K: [E, H / 2, 2I] and [E, I / 2, H]) and return them as an ExpertQuant."""
+    checks.tensor("hidden_states", hidden_states, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    checks.tensor("gate_up_proj", gate_up_proj, ndim=3)
+    checks.tensor("down_proj", down_proj, ndim=3)
+    code = format_code(weight_format, gate_up_zero)
+    if (gate_up_zero is None) != (down_zero is None):
+        raise ValueError("gate_up_zero and down_zero must both be given (int4 asymmetric) or both None")
+    int4 = code in (INT4_SYM.value, INT4_ASYM.value)
+    H = hidden_states.shape[1]
+    E, two_i = gate_up_proj.shape[0], gate_up_proj.shape[2]
+    if two_i % 2:
+        raise ValueError(f"gate_up_proj's last dimension (2I) must be even, got {two_i}")
+    inter = two_i // 2
+    s13 = quant_weight_args("gate_up_proj", code, gate_up_proj, gate_up_scale, gate_up_zero, group_size,
+                            H, two_i, (E,))
+    s2 = quant_weight_args("down_proj", code, down_proj, down_scale, down_zero, group_size, inter, H, (E,))
+    tensors = dict(hidden_states=hidden_states, gate_up_proj=gate_up_proj, down_proj=down_proj,
+                   gate_up_scale=gate_up_scale, down_scale=down_scale)
+    if gate_up_zero is not None:
+        tensors.update(gate_up_zero=gate_up_zero, down_zero=down_zero)
+    checks.same_device(**tensors)
+    return ExpertQuant(code, s13, s2, gate_up_zero, down_zero, group_size if int4 else 128,
+                        None if act_scale_ub is None else float(act_scale_ub))
+
+
 def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-              apply_router_weight_on_input: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+              apply_router_weight_on_input: bool = True, out: torch.Tensor | None = None,
+              weight_format: str | None = None, gate_up_scale: torch.Tensor | None = None,
+              down_scale: torch.Tensor | None = None, gate_up_zero: torch.Tensor | None = None,
+              down_zero: torch.Tensor | None = None, group_size: int = 128,
+              act_scale_ub: float | None = None) -> torch.Tensor:
     """Routed SwiGLU experts, computing only the chosen (token, expert) pairs.
 
     hidden_states: [T, H] float16/bfloat16/float32, any strides.
@@ -356,37 +454,59 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
                    fewer); otherwise the expert output is scaled by w.
     out:           optional [T, H] tensor with hidden_states' dtype and device, any strides,
                    that receives the result (every element is written).
+    weight_format: None (the weights are in hidden_states' dtype), or quantized experts in the
+                   layouts of kernels/dequant.py, each expert a logical [K, N] matrix:
+                   "fp8_rowwise" / "fp8_block": gate_up_proj / down_proj float8_e4m3fn
+                   [E, H, 2I] / [E, I, H] with float32 scales [E, N] (per channel), [E, 1] (per
+                   tensor) or [E, cdiv(K, 128), cdiv(N, 128)] (fp8_block); the activations (x,
+                   and the SwiGLU output before the down GEMM) are quantized per token (per
+                   1x128 group for fp8_block), their amax clamped to act_scale_ub when set.
+                   "int4": uint8 [E, H / 2, 2I] / [E, I / 2, H] packed along K, scales
+                   [E, K / group_size, N], zero points likewise (uint8) or None (symmetric).
+                   The router weight multiplies the fp32 GEMM result, after any scales.
 
     Returns [T, H] in hidden_states' dtype: sum over the k choices of
     down(silu(x_w @ gate) * (x_w @ up)), accumulated in fp32. The shared expert is not included.
     """
-    checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
+    if weight_format is None:
+        checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
+        quant = None
+    else:
+        quant = quant_experts_args(hidden_states, gate_up_proj, down_proj, weight_format, gate_up_scale, down_scale,
+                                   gate_up_zero, down_zero, group_size, act_scale_ub)
+        checks.routing_args(hidden_states, topk_weights, topk_ids, gate_up_proj.shape[0])
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
     else:
         checks.out_like(out, hidden_states, "hidden_states")
     if hidden_states.shape[0] == 0:
         return out
-    cfg = launch_config(hidden_states, gate_up_proj, down_proj, topk_ids.shape[1])
+    cfg = launch_config(hidden_states, gate_up_proj, down_proj, topk_ids.shape[1], quant)
     return _launch(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
-                   apply_router_weight_on_input, out, cfg)
+                   apply_router_weight_on_input, out, cfg, quant)
 
 
 def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                  top_k: int) -> MoeConfig:
+                  top_k: int, quant: ExpertQuant | None = None) -> MoeConfig:
     """The MoeConfig that `fused_moe` uses for these inputs (same shapes as fused_moe): the
-    H100 table on sm90 for 16-bit dtypes, else the heuristic; split_k for this device."""
+    H100 table on sm90 for 16-bit dtypes, else the heuristic; split_k for this device.
+    Quantized experts take the heuristic with K steps inside one scale group."""
     T, H = hidden_states.shape
-    E, I = down_proj.shape[0], down_proj.shape[1]
+    E, two_i = gate_up_proj.shape[0], gate_up_proj.shape[2]
     dev = hidden_states.device
-    return select_config(T, top_k, E, H, I, hidden_states.dtype,
-                         num_sms=_num_sms(dev), use_table=_use_table(dev))
+    if quant is None:
+        return select_config(T, top_k, E, H, two_i // 2, hidden_states.dtype,
+                             num_sms=_num_sms(dev), use_table=_use_table(dev))
+    cfg = select_config(T, top_k, E, H, two_i // 2, hidden_states.dtype, num_sms=_num_sms(dev), use_table=False)
+    return replace(cfg, gate_up=replace(cfg.gate_up, block_k=min(cfg.gate_up.block_k, quant.group_k)),
+                   down=replace(cfg.down, block_k=min(cfg.down.block_k, quant.group_k)))
 
 
-def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig):
+def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig,
+            quant: ExpertQuant | None = None):
     """Run fused_moe with an explicit config (validated inputs, T > 0)."""
     T, H = x.shape
-    E, I = w2.shape[0], w2.shape[1]
+    E, I = w13.shape[0], w13.shape[2] // 2
     top_k = topk_ids.shape[1]
     P = T * top_k
     ids = topk_ids.contiguous().view(-1)
@@ -406,19 +526,30 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
                   BLOCK_B=max(256, triton.next_power_of_2(E + 1)))
     routing_args = (ids, weights, sorted_pairs, expert_offsets, block_offsets, P, E, num_pid_m)
 
+    def quant_args(a, scale, zero):
+        """Kernel arguments of a quantized GEMM: B's scales and zero points, A's scales (and
+        the A operand itself, FP8-quantized where the format says)."""
+        if quant is None:  # unused pointers and strides: the dense path never reads them
+            return a, (a, 0, 0, 0, a, 0, 0, 0, a, 0, 0), {}
+        a, a_scale = quant.quantize_activations(a)
+        z = scale if zero is None else zero
+        return a, (scale, *scale.stride(), z, *z.stride(), a_scale, *a_scale.stride()), \
+            dict(WEIGHT_FORMAT=quant.code, GROUP_K=quant.group_k)
+
     # gate_up: x [T, H] @ w13[e] -> h [P, I]; split K: fp32 gate/up partials, then combine
     g = cfg.gate_up
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
     y1 = h if g.split_k == 1 else torch.empty(g.split_k, P, 2 * I, dtype=torch.float32, device=x.device)
+    a1, q1, f1 = quant_args(x, *((quant.gate_up_scale, quant.gate_up_zero) if quant else (None, None)))
     grid = (num_pid_m * triton.cdiv(I, g.block_n), g.split_k)
     _moe_gemm_kernel[grid](
-        x, x.stride(0), x.stride(1),
-        w13, w13.stride(0), w13.stride(1), w13.stride(2),
+        a1, a1.stride(0), a1.stride(1),
+        w13, w13.stride(0), w13.stride(1), w13.stride(2), *q1,
         y1, y1.stride(-2), y1.stride(-1), y1.stride(0) if g.split_k > 1 else 0,
         *routing_args, I, H, g.split_k,
         A_ROW_DIV=top_k, GATED=True, SCALE_C=on_input, C_PARTIAL=g.split_k > 1,
         BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
-        num_warps=g.num_warps, num_stages=g.num_stages, **common)
+        num_warps=g.num_warps, num_stages=g.num_stages, **common, **f1)
     if g.split_k > 1:
         _combine_kernel[(P, triton.cdiv(I, _COMBINE_BLOCK_N))](
             y1, h, h.stride(0), h.stride(1), I, y1.stride(0), g.split_k,
@@ -428,15 +559,16 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
     d = cfg.down
     partial = top_k > 1 or d.split_k > 1
     y2 = torch.empty(d.split_k, P, H, dtype=torch.float32, device=x.device) if partial else out
+    a2, q2, f2 = quant_args(h, *((quant.down_scale, quant.down_zero) if quant else (None, None)))
     grid = (num_pid_m * triton.cdiv(H, d.block_n), d.split_k)
     _moe_gemm_kernel[grid](
-        h, h.stride(0), h.stride(1),
-        w2, w2.stride(0), w2.stride(1), w2.stride(2),
+        a2, a2.stride(0), a2.stride(1),
+        w2, w2.stride(0), w2.stride(1), w2.stride(2), *q2,
         y2, y2.stride(-2), y2.stride(-1), y2.stride(0) if partial else 0,
         *routing_args, H, I, d.split_k,
         A_ROW_DIV=1, GATED=False, SCALE_C=not on_input, C_PARTIAL=partial,
         BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
-        num_warps=d.num_warps, num_stages=d.num_stages, **common)
+        num_warps=d.num_warps, num_stages=d.num_stages, **common, **f2)
     if partial:
         _combine_kernel[(T, triton.cdiv(H, _COMBINE_BLOCK_N))](
             y2, out, out.stride(0), out.stride(1), H, y2.stride(0), d.split_k,

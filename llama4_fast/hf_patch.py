@@ -27,6 +27,12 @@ the TP group, as transformers does for its experts; the projections keep their T
 norms and attention see plain local tensors (the local heads). Under `device_map="auto"` modules
 keep their accelerate hooks, and the patched MoE runs the experts' hook itself, so offloaded
 experts are loaded for the kernel and offloaded again.
+
+Quantized models: experts quantized by `llama4_fast.quantize` expose format objects that the
+patched MoE forward passes on; a model loaded by transformers with `fbgemm_fp8` (Maverick FP8)
+has its FbgemmFp8Llama4TextExperts and FbgemmFp8Linear weights wrapped, as stored, in
+`llama4_fast.quant.Fp8Weight` at patch time (`ops.fused_moe` / `ops.quant_linear`), so the
+fbgemm-gpu package is not needed.
 """
 
 from __future__ import annotations
@@ -100,7 +106,8 @@ def _routed_experts(experts, x, weights, ids):
 
 
 def _local_fused_moe(experts, x, weights, ids):
-    gate_up, down = experts.gate_up_proj, experts.down_proj
+    # transformers' fbgemm_fp8 experts carry Fp8Weight views set at patch time
+    gate_up, down = getattr(experts, _FP8_WEIGHTS, None) or (experts.gate_up_proj, experts.down_proj)
     if not _is_dtensor(down):
         return ops.fused_moe(x, gate_up, down, weights, ids)
     placements = tuple(down.placements)
@@ -128,6 +135,31 @@ def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def _fp8_linear_forward(self, x):
+    y = ops.quant_linear(x.reshape(-1, self.in_features), getattr(self, _FP8_WEIGHTS))
+    y = y.view(*x.shape[:-1], self.out_features)
+    return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+# transformers' fbgemm_fp8 modules: the attribute that holds their weights as Fp8Weight
+_FP8_WEIGHTS = "_llama4_fast_fp8"
+
+
+def _fbgemm_weights(module):
+    """Fp8Weight views of an FbgemmFp8Linear ([N, K] weight, [N, 1] scale) or of
+    FbgemmFp8Llama4TextExperts' gate_up ([E, H, 2I], scale [E, 1, 2I]) and down ([E, I, H],
+    scale [E, H, 1]); the activation bound is the module's input_scale_ub (read once, here)."""
+    from llama4_fast.quant import Fp8Weight
+
+    ub = float(module.input_scale_ub.reshape(-1)[0])
+    ub = ub if ub > 0 else None
+    if hasattr(module, "gate_up_proj_scale"):
+        E = module.gate_up_proj.shape[0]
+        return (Fp8Weight(module.gate_up_proj, module.gate_up_proj_scale.float().reshape(E, -1), "channel", ub),
+                Fp8Weight(module.down_proj, module.down_proj_scale.float().reshape(E, -1), "channel", ub))
+    return Fp8Weight(module.weight.t(), module.weight_scale.float().reshape(-1), "channel", ub)
 
 
 def _rms_norm_forward(self, x):
@@ -276,6 +308,12 @@ def patch(model):
         fn = forwards.get(type(module))
         if fn is not None:
             undo.append(_set_forward(module, fn))
+        kind = type(module).__name__
+        if kind in ("FbgemmFp8Linear", "FbgemmFp8Llama4TextExperts"):
+            setattr(module, _FP8_WEIGHTS, _fbgemm_weights(module))
+            undo.append((module, _FP8_WEIGHTS, False, None))
+            if kind == "FbgemmFp8Linear":
+                undo.append(_set_forward(module, _fp8_linear_forward))
     configs = [(cfg, cfg._attn_implementation) for cfg in _text_configs(model)]
     for cfg, _ in configs:
         cfg._attn_implementation = ATTN_IMPLEMENTATION

@@ -422,17 +422,28 @@ class Llama4(nn.Module):
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> "Llama4":
         """Load config.json + safetensors (single file or sharded with an index) from a directory,
-        also the language-model half of a multimodal checkpoint."""
-        from llama4_fast.checkpoint import load_safetensors
+        also the language-model half of a multimodal checkpoint. FP8 checkpoints (fbgemm_fp8,
+        compressed-tensors FP8-dynamic) load as stored: see llama4_fast.checkpoint."""
+        from llama4_fast.checkpoint import load_safetensors, quantization_config, quantized_modules
 
         cfg = Llama4Config.from_hf(path)
+        qcfg = quantization_config(path)
         params = load_safetensors(path, dtype=dtype or cfg.dtype(), device=device)
-        return _from_parameters(cfg, params, source=str(path))
+        modules = quantized_modules(params, qcfg) if qcfg is not None else {}
+        return _from_parameters(cfg, params, source=str(path), modules=modules)
 
 
-def _from_parameters(cfg: Llama4Config, params: dict[str, torch.Tensor], source: str) -> Llama4:
+def _from_parameters(cfg: Llama4Config, params: dict[str, torch.Tensor], source: str,
+                     modules: dict[str, nn.Module] | None = None) -> Llama4:
+    """The model with `params` as its parameters; `modules` (name -> module, e.g. quantized
+    experts) replace the model's own submodules first."""
     with torch.device("meta"):
         model = Llama4(cfg)
+    for name, module in (modules or {}).items():
+        parent, _, attr = name.rpartition(".")
+        if not isinstance(getattr(model.get_submodule(parent), attr, None), nn.Module):
+            raise ValueError(f"{source}: quantized weights for {name}, which the model does not have")
+        setattr(model.get_submodule(parent), attr, module)
     if "lm_head.weight" not in params and cfg.tie_word_embeddings:
         params["lm_head.weight"] = params["embed_tokens.weight"]
     expected = {name for name, _ in model.named_parameters()}

@@ -36,10 +36,43 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     Returns [T, H] in hidden_states' dtype: sum over the k choices of
     `down(silu(x_e @ gate) * (x_e @ up))` where `x_e = x * w` when apply_router_weight_on_input
     (Llama 4), else the expert output is multiplied by `w`. The shared expert is not included.
+
+    Quantized experts: gate_up_proj and down_proj may both be `llama4_fast.quant.Fp8Weight` or
+    both `Int4Weight` (logical shapes as above, one format); then the router weight multiplies
+    the fp32 GEMM result and FP8 formats quantize the activations at run time (see
+    `kernels.fused_moe`'s weight_format).
     """
+    from llama4_fast.quant import QuantWeight, expert_kernel_args
+
+    if isinstance(gate_up_proj, QuantWeight) or isinstance(down_proj, QuantWeight):
+        from llama4_fast.kernels.moe import quant_experts_args
+
+        kw = expert_kernel_args(gate_up_proj, down_proj)
+        w13, w2 = gate_up_proj.tensors()[0], down_proj.tensors()[0]
+        quant_experts_args(hidden_states, w13, w2, **kw)
+        checks.routing_args(hidden_states, topk_weights, topk_ids, w13.shape[0])
+        return registry.call("fused_moe", hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
+                             apply_router_weight_on_input=apply_router_weight_on_input)
     checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
     return registry.call("fused_moe", hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
                          apply_router_weight_on_input=apply_router_weight_on_input)
+
+
+def quant_linear(x: torch.Tensor, weight) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W for a quantized weight W (`llama4_fast.quant.Fp8Weight` or
+    `Int4Weight`, logical shape [K, N]), in x's dtype (float16/bfloat16/float32), accumulated
+    in fp32. FP8 weights quantize x at run time (per token, or per 1x128 group for block
+    scales; the token amax clamped to weight.act_scale_ub when set); INT4 is weight-only.
+    The kernel it stands for is `llama4_fast.kernels.quant_matmul` (weight as plain tensors)."""
+    from llama4_fast.quant import QuantWeight
+
+    checks.tensor("x", x, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    if not isinstance(weight, QuantWeight):
+        raise TypeError(f"weight must be an Fp8Weight or Int4Weight, got {type(weight).__name__}")
+    if len(weight.shape) != 2 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight must be [K={x.shape[1]}, N], got {list(weight.shape)}")
+    checks.same_device(x=x, weight=weight.tensors()[0])
+    return registry.call("quant_linear", x, weight)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llama4_fast import registry
+from llama4_fast import quant, registry
 
 # Queries per block in the attention reference: bounds the [B, H, block, keys] score tensor.
 _ATTN_QUERY_BLOCK = 512
@@ -32,6 +32,9 @@ def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
 @registry.register("fused_moe", "torch")
 def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
               apply_router_weight_on_input=True):
+    if isinstance(gate_up_proj, quant.QuantWeight):
+        return quant.fused_moe_ref(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
+                                   apply_router_weight_on_input)
     T, H = hidden_states.shape
     top_k = topk_ids.shape[1]
     inter = down_proj.shape[1]
@@ -58,6 +61,11 @@ def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
             y = y * w
         out.index_add_(0, rows, y)
     return out.to(hidden_states.dtype)
+
+
+@registry.register("quant_linear", "torch")
+def quant_linear(x, weight):
+    return quant.quant_linear_ref(x, weight)
 
 
 def key_positions_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_size: int | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from llama4_fast import kernels, registry
+from llama4_fast.quant import QuantWeight, expert_kernel_args, kernel_args
 
 PRIORITY = 10  # preferred over the torch reference wherever it supports the inputs
 
@@ -50,6 +51,35 @@ def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_rout
     return torch.empty_like(hidden_states)
 
 
+@torch.library.custom_op("llama4_fast::quant_linear", mutates_args=())
+def _quant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  weight_format: str, group_size: int, act_scale_ub: float | None) -> torch.Tensor:
+    return kernels.quant_matmul(x, qweight, scale, weight_format=weight_format, zero=zero, group_size=group_size,
+                                act_scale_ub=act_scale_ub)
+
+
+@_quant_linear.register_fake
+def _(x, qweight, scale, zero, weight_format, group_size, act_scale_ub):
+    return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+@torch.library.custom_op("llama4_fast::fused_moe_quant", mutates_args=())
+def _fused_moe_quant(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor, apply_router_weight_on_input: bool,
+                     weight_format: str, gate_up_scale: torch.Tensor, down_scale: torch.Tensor,
+                     gate_up_zero: torch.Tensor | None, down_zero: torch.Tensor | None, group_size: int,
+                     act_scale_ub: float | None) -> torch.Tensor:
+    return kernels.fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
+                             apply_router_weight_on_input=apply_router_weight_on_input, weight_format=weight_format,
+                             gate_up_scale=gate_up_scale, down_scale=down_scale, gate_up_zero=gate_up_zero,
+                             down_zero=down_zero, group_size=group_size, act_scale_ub=act_scale_ub)
+
+
+@_fused_moe_quant.register_fake
+def _(hidden_states, *args):
+    return torch.empty_like(hidden_states)
+
+
 # A custom-op schema cannot take "int or Tensor", so kv_start travels as both.
 @torch.library.custom_op("llama4_fast::attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None, scale: float | None,
@@ -85,7 +115,19 @@ def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
 
 
 def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *, apply_router_weight_on_input=True):
+    if isinstance(gate_up_proj, QuantWeight):
+        kw = expert_kernel_args(gate_up_proj, down_proj)
+        return _fused_moe_quant(hidden_states, gate_up_proj.tensors()[0], down_proj.tensors()[0], topk_weights,
+                                topk_ids, apply_router_weight_on_input, kw["weight_format"], kw["gate_up_scale"],
+                                kw["down_scale"], kw["gate_up_zero"], kw["down_zero"], kw["group_size"],
+                                kw["act_scale_ub"])
     return _fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_router_weight_on_input)
+
+
+def quant_linear(x, weight):
+    kw = kernel_args(weight)
+    return _quant_linear(x, kw["qweight"], kw["scale"], kw["zero"], kw["weight_format"], kw["group_size"],
+                         kw["act_scale_ub"])
 
 
 def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None):
@@ -104,11 +146,17 @@ def qk_prologue(q, k, *, cos=None, sin=None, qk_norm_eps=None, positions=None, t
     return (q if q_buf is None else q_buf), (k if k_buf is None else k_buf)
 
 
+def _tensors(w) -> tuple[torch.Tensor, ...]:
+    return w.tensors() if isinstance(w, QuantWeight) else (w,)
+
+
 registry.register("route", "triton", route, priority=PRIORITY,
                   supports=lambda logits, *a, **kw: _supported(logits))
 registry.register("fused_moe", "triton", fused_moe, priority=PRIORITY,
-                  supports=lambda x, w13, w2, w, ids, **kw: _supported(x, w13, w2, w, ids))
+                  supports=lambda x, w13, w2, w, ids, **kw: _supported(x, *_tensors(w13), *_tensors(w2), w, ids))
 registry.register("attention", "triton", attention, priority=PRIORITY,
                   supports=lambda q, k, v, **kw: _supported(q, k, v) and kernels.attention.supports_head_dim(q.shape[-1]))
 registry.register("qk_prologue", "triton", qk_prologue, priority=PRIORITY,
                   supports=lambda q, k, **kw: _supported(q, k) and q.shape[-1] <= kernels.prologue.MAX_HEAD_DIM)
+registry.register("quant_linear", "triton", quant_linear, priority=PRIORITY,
+                  supports=lambda x, weight: _supported(x, *weight.tensors()))

@@ -1,0 +1,277 @@
+"""Dense dequant-matmul: y [M, N] = x [M, K] @ W [K, N] with W in an FP8 or INT4 format.
+
+One kernel, two launch modes chosen per call from M:
+- decode (M <= 16): BLOCK_M = 16 and K split across programs when the column tiles alone
+  cannot keep every SM streaming weights (N = 1024 at TP8: 16 tiles of 64 for 132 SMs).
+  Each split stores an fp32 partial (its scales already applied: they are linear), and one
+  sum over the splits finishes it in a fixed order (deterministic).
+- prefill (M > 16): 64 or 128-row tiles, grouped tile order so resident programs share
+  weight column blocks, no split.
+Decode is bound by the weight bytes (FP8: 1 byte per weight, INT4: ~0.5), which is the whole
+point of the formats; the tile shapes are first guesses from the roofline, not yet tuned on a
+GPU (no H100 measurement exists for this kernel yet).
+
+The formats and their layouts are documented in `dequant.py`; `quant_matmul` takes the
+quantized weight as plain tensors plus a format name. FP8 formats quantize the activations at
+run time (`quantize_fp8_activations`: per token, or per 1x128 group for fp8_block).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import checks
+from .dequant import (FORMATS, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_MAX, INT4_ASYM, INT4_SYM, dequant_dot,
+                      fp8_quantize_rows_kernel, rowwise_epilogue)
+
+MIN_FP8_SCALE = 1.0 / (FP8_MAX * 512.0)  # floor of an activation scale: an all-zero row stays finite
+_DECODE_MAX_M = 16
+
+
+@triton.jit(do_not_specialize=["M", "num_splits"])
+def _quant_matmul_kernel(
+    a_ptr, stride_am, stride_ak,
+    a_scale_ptr, stride_asm, stride_ask,      # fp8: [M] per token or [M, cdiv(K, 128)] groups
+    w_ptr, stride_wk, stride_wn,              # logical [K, N] (int4: packed [K / 2, N] bytes)
+    s_ptr, stride_sk, stride_sn,
+    z_ptr, stride_zk, stride_zn,
+    c_ptr, stride_cm, stride_cn, c_split_stride,
+    M, N, K, num_splits,
+    WEIGHT_FORMAT: tl.constexpr, GROUP_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    k_tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), num_splits)
+    k_lo = pid_s * k_tiles_per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + k_tiles_per_split * BLOCK_K)
+
+    a_rows = a_ptr + offs_m[:, None] * stride_am
+    a_group_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)  # read by FP8_BLOCK only
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+        if WEIGHT_FORMAT == FP8_BLOCK:
+            a_group_scale = tl.load(a_scale_ptr + offs_m * stride_asm + (k0 // FP8_BLOCK_SIZE) * stride_ask,
+                                    mask=m_mask, other=0.0)
+        acc = dequant_dot(acc, a, a_group_scale, w_ptr, stride_wk, stride_wn, s_ptr, stride_sk, stride_sn,
+                          z_ptr, stride_zk, stride_zn, k0, offs_n, n_mask, K,
+                          WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION)
+
+    a_scale = tl.load(a_scale_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)  # FP8_ROWWISE's
+    acc = rowwise_epilogue(acc, a_scale, s_ptr, stride_sn, offs_n, n_mask, WEIGHT_FORMAT)
+    c_ptrs = c_ptr + pid_s.to(tl.int64) * c_split_stride + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# activation quantization (FP8 formats)
+# ----------------------------------------------------------------------------------------------
+
+def quantize_fp8_activations(x: torch.Tensor, *, group_size: int | None = None,
+                             scale_ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic FP8 quantization of activations x [M, K] (float16/bfloat16/float32).
+
+    group_size None: one scale per row (token) -> (xq [M, K] float8_e4m3fn, scale [M] float32).
+    group_size 128: one scale per 1x128 group -> (xq, scale [M, cdiv(K, 128)] float32).
+    scale = min(amax, scale_ub) / 448 (floored at MIN_FP8_SCALE), xq = x / scale saturated to
+    +-448, so x ~= xq * scale. scale_ub bounds outliers (fbgemm_fp8 checkpoints use 1200).
+    """
+    checks.tensor("x", x, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    if group_size not in (None, FP8_BLOCK_SIZE.value):
+        raise ValueError(f"group_size must be None (per token) or {FP8_BLOCK_SIZE.value}, got {group_size!r}")
+    M, K = x.shape
+    group = K if group_size is None else group_size
+    groups = 1 if group_size is None else triton.cdiv(K, group_size)
+    xq = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(M, groups, dtype=torch.float32, device=x.device)
+    if M and K:
+        fp8_quantize_rows_kernel[(M, groups)](
+            x, x.stride(0), x.stride(1), xq, xq.stride(0), xq.stride(1), scale, scale.stride(0), scale.stride(1),
+            K, group, 0.0 if scale_ub is None else float(scale_ub),
+            HAS_UB=scale_ub is not None, MIN_SCALE=MIN_FP8_SCALE,
+            BLOCK=min(1024, max(16, triton.next_power_of_2(group))), num_warps=4)
+    return xq, (scale[:, 0] if group_size is None else scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+def format_code(fmt: str, zero) -> int:
+    """The kernel's WEIGHT_FORMAT for a format name ("fp8_rowwise", "fp8_block", "int4"; int4
+    with zero points is "int4_asym")."""
+    if fmt == "int4":
+        return INT4_SYM.value if zero is None else INT4_ASYM.value
+    if fmt not in ("fp8_rowwise", "fp8_block"):
+        raise ValueError(f"weight_format must be one of 'fp8_rowwise', 'fp8_block', 'int4', got {fmt!r}")
+    if zero is not None:
+        raise ValueError(f"zero points belong to the int4 format, not {fmt!r}")
+    return FORMATS[fmt]
+
+
+def quant_weight_args(name: str, code: int, qweight, scale, zero, group_size, K: int, N: int, lead=()):
+    """Check a quantized weight whose logical shape is [*lead, K, N] (see dequant.py). Returns
+    the scale viewed with explicit K-group and N dimensions ([*lead, groups_k, groups_n];
+    per-tensor and per-channel FP8 scales get stride 0 where they broadcast)."""
+    lead = tuple(lead)
+    if code in (INT4_SYM.value, INT4_ASYM.value):
+        checks.tensor(name, qweight, dtypes=(torch.uint8,))
+        if K % 2:
+            raise ValueError(f"{name}: int4 packs two K rows per byte, so K must be even, got K={K}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 \
+                or group_size & (group_size - 1):
+            raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
+        if K % group_size:
+            raise ValueError(f"{name}: K={K} must be a multiple of group_size={group_size}")
+        want = lead + (K // 2, N)
+        if tuple(qweight.shape) != want:
+            raise ValueError(f"{name} (packed int4) must be {list(want)}, got {list(qweight.shape)}")
+        groups = lead + (K // group_size, N)
+        checks.tensor(f"{name} scale", scale, dtypes=checks.FLOAT_DTYPES)
+        if tuple(scale.shape) != groups:
+            raise ValueError(f"{name} scale must be [{', '.join(map(str, groups))}] (one per {group_size} "
+                             f"rows of K and column), got {list(scale.shape)}")
+        if code == INT4_ASYM.value:
+            checks.tensor(f"{name} zero", zero, dtypes=(torch.uint8,))
+            if tuple(zero.shape) != groups:
+                raise ValueError(f"{name} zero must be {list(groups)}, got {list(zero.shape)}")
+        return scale
+    checks.tensor(name, qweight, dtypes=(torch.float8_e4m3fn,))
+    want = lead + (K, N)
+    if tuple(qweight.shape) != want:
+        raise ValueError(f"{name} must be {list(want)}, got {list(qweight.shape)}")
+    checks.tensor(f"{name} scale", scale, dtypes=(torch.float32,))
+    if code == FP8_BLOCK.value:
+        b = FP8_BLOCK_SIZE.value
+        blocks = lead + (triton.cdiv(K, b), triton.cdiv(N, b))
+        if tuple(scale.shape) != blocks:
+            raise ValueError(f"{name} scale must be {list(blocks)} (one per 128x128 block), got {list(scale.shape)}")
+        return scale
+    if tuple(scale.shape) == lead + (N,):
+        return scale.unsqueeze(-2)
+    if tuple(scale.shape) in (lead + (1,), lead + (1, 1)) or (not lead and scale.dim() == 0):
+        return scale.reshape(lead + (1, 1)).expand(lead + (1, N))
+    raise ValueError(f"{name} scale must be {list(lead + (N,))} (per channel) or {list(lead + (1,))} "
+                     f"(per tensor), got {list(scale.shape)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, weight_format: str,
+                 zero: torch.Tensor | None = None, group_size: int = 128, act_scale_ub: float | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W for a quantized W of logical shape [K, N] (formats: kernels/dequant.py).
+
+    x:          [M, K] float16/bfloat16/float32, any strides.
+    qweight:    weight_format "fp8_rowwise" / "fp8_block": float8_e4m3fn [K, N] (any strides;
+                an nn.Linear-style [N, K] tensor passes as `.t()`). "int4": uint8 [K / 2, N],
+                two K rows per byte (low nibble: even k), unsigned nibble u.
+    scale:      fp8_rowwise: float32 [N] (per channel) or [1] (per tensor); fp8_block: float32
+                [cdiv(K, 128), cdiv(N, 128)]; int4: [K / group_size, N] any float dtype.
+    zero:       int4 only: None (symmetric, W = (u - 8) * s) or uint8 [K / group_size, N]
+                (asymmetric, W = (u - z) * s).
+    group_size: int4 group along K (power of two >= 16 dividing K).
+    act_scale_ub: FP8 only: upper bound on a token's activation amax (fbgemm_fp8: 1200).
+    out:        optional [M, N] tensor in x's dtype (every element is written).
+
+    Returns [M, N] in x's dtype, accumulated in fp32. FP8 formats quantize x at run time (per
+    token; per 1x128 group for fp8_block) with `quantize_fp8_activations`.
+    """
+    checks.tensor("x", x, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    code = format_code(weight_format, zero)
+    is_int4 = code in (INT4_SYM.value, INT4_ASYM.value)
+    checks.tensor("qweight", qweight, ndim=2)
+    M, K = x.shape
+    N = qweight.shape[1]
+    scale2d = quant_weight_args("qweight", code, qweight, scale, zero, group_size, K, N)
+    checks.same_device(x=x, qweight=qweight, scale=scale, **({} if zero is None else {"zero": zero}))
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    else:
+        checks.tensor("out", out, ndim=2)
+        if tuple(out.shape) != (M, N):
+            raise ValueError(f"out must be [M={M}, N={N}], got {list(out.shape)}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
+        if out.device != x.device:
+            raise ValueError(f"out is on {out.device} but x is on {x.device}")
+        if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
+            raise ValueError("out must not be a broadcast (stride-0) view: its elements would overlap")
+    if M == 0:
+        return out
+    if is_int4:
+        a, a_scale = x, x  # a_scale: placeholder, never read
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    else:
+        a, a_scale = quantize_fp8_activations(x, group_size=128 if code == FP8_BLOCK.value else None,
+                                              scale_ub=act_scale_ub)
+        precision = "tf32"  # unused by fp8 dots
+    a_scale2d = a_scale if a_scale.dim() == 2 else a_scale[:, None]
+    cfg = launch_config(M, N, K, code, group_size, _num_sms(x.device))
+    block_m, block_n, block_k, group_m, num_warps, num_stages, split = cfg
+    dest = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    z = zero if zero is not None else qweight  # placeholder, never read
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split)
+    _quant_matmul_kernel[grid](
+        a, a.stride(0), a.stride(1), a_scale2d, a_scale2d.stride(0), a_scale2d.stride(1),
+        qweight, qweight.stride(0), qweight.stride(1), scale2d, scale2d.stride(0), scale2d.stride(1),
+        z, z.stride(0), z.stride(1),
+        dest, dest.stride(-2), dest.stride(-1), dest.stride(0) if split > 1 else 0,
+        M, N, K, split,
+        WEIGHT_FORMAT=code, GROUP_K=group_size if is_int4 else FP8_BLOCK_SIZE.value, DOT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        num_warps=num_warps, num_stages=num_stages)
+    if split > 1:
+        out.copy_(dest.sum(dim=0))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another: splitting never pays
+
+
+@functools.lru_cache(maxsize=4096)
+def launch_config(M: int, N: int, K: int, code: int, group_size: int, num_sms: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split_k) for one call.
+
+    BLOCK_K divides the format's K group (int4: group_size; fp8_block: 128) so one K step has
+    one scale. Decode (M <= 16) splits K by the grouped MoE GEMM's model (moe._split_k: the
+    busiest SM's share of the work, at least 4 K steps per split), e.g. TP8's N = 1024 (16
+    column tiles) 8 ways, N = 5120 (80 tiles) 3 ways on 132 SMs."""
+    k_cap = group_size if code in (INT4_SYM.value, INT4_ASYM.value) else FP8_BLOCK_SIZE.value
+    k_fit = max(16, triton.next_power_of_2(K))
+    n_fit = max(16, triton.next_power_of_2(N))
+    if M <= _DECODE_MAX_M:
+        from . import moe  # the split model lives with the grouped GEMM (moe imports this module)
+
+        block_m, block_n, block_k, group_m, warps, stages = 16, min(64, n_fit), min(128, k_cap, k_fit), 1, 4, 4
+        split = moe._split_k(moe.GemmConfig(block_n, block_k, group_m, warps, stages), 1, N, K, num_sms)
+        return block_m, block_n, block_k, group_m, warps, stages, split
+    block_m = 64 if M <= 64 else 128
+    block_k = min(64 if code in (INT4_SYM.value, INT4_ASYM.value) else 128, k_cap, k_fit)
+    return block_m, min(128, n_fit), block_k, 8, 8 if block_m == 128 else 4, 3, 1
