@@ -5,7 +5,9 @@ one GPU), four ways side by side:
 - transformers, attn_implementation="eager"
 - transformers, attn_implementation="sdpa"
 - transformers patched by `llama4_fast.patch` (same model instance, patched in place)
-- the thin `llama4_fast.Llama4`, sharing the same weights (`Llama4.from_hf`), CUDA-graph decode
+- the thin `llama4_fast.Llama4`, sharing the same weights (`Llama4.from_hf`), CUDA-graph decode,
+  and with --weights fp8 / int4 also the thin model with its routed experts quantized by
+  `llama4_fast.quantize` (variants thin_fp8, thin_int4)
 
 plus, per model, the GPU time of one decode step split into attention / MoE / dense FFN / rest
 (torch.profiler, module ranges), and the thin model's decode step against its roofline floor:
@@ -14,7 +16,8 @@ attends, the LM head) over the HBM bandwidth measured in the same run.
 
     python benchmarks/e2e.py                     # GPU: Scout (4 layers) and Maverick (2 layers)
     python benchmarks/e2e.py --models scout --prompts 512 8192 32768 --batches 1 16
-    python benchmarks/e2e.py --quick             # CPU: the tiny model, fp32, torch backend
+    python benchmarks/e2e.py --weights bf16 fp8 int4
+    python benchmarks/e2e.py --quick             # CPU: the tiny model at toy sizes, fp32, torch backend
 
 Timing is wall clock around whole `generate` calls (synchronised), the median of --repeats
 after a warm-up call of the same shape (kernel compilation, graph capture). TTFT = a generate
@@ -53,6 +56,9 @@ MODELS = {
                      no_rope_layers=[1, 0], moe_layers=[1]),
 }
 VARIANTS = ("hf_eager", "hf_sdpa", "hf_patched", "thin")
+# Bytes a routed-expert weight takes in each format: FP8 one byte plus a per-channel scale;
+# INT4 half a byte plus a bf16 scale per group of 128.
+EXPERT_BYTES = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5 + 2 / 128}
 EAGER_MAX_TOKENS = 8192  # eager attention materialises [B, 40, S, S] fp32 scores
 
 
@@ -98,8 +104,10 @@ def variant(hf, name: str):
     """Put the shared model instance into one variant; yields the generate(ids, n) callable."""
     import llama4_fast
 
-    if name == "thin":
+    if name.startswith("thin"):
         thin = llama4_fast.Llama4.from_hf(hf)
+        if name != "thin":  # thin_fp8 / thin_int4: the thin model's own experts, quantized
+            llama4_fast.quantize(thin, name.removeprefix("thin_"))
         try:
             yield lambda ids, n: thin.generate(ids, n)
         finally:
@@ -202,11 +210,12 @@ def profile_split(model, step, steps: int = 4) -> dict:
 
 
 # -- roofline floor of one thin-model decode step ----------------------------------------------
-def decode_floor_bytes(cfg, batch: int, context: int) -> float:
-    """Bytes one decode step must read at `context` cached positions (bf16 weights/cache):
-    every layer's attention projections and norms, its FFN (dense; or router + shared expert +
-    the experts the batch selects, expected distinct count under uniform top-k routing), the
-    keys/values it attends (one chunk at most on chunked layers), the final norm and LM head."""
+def decode_floor_bytes(cfg, batch: int, context: int, expert_bytes: float = 2.0) -> float:
+    """Bytes one decode step must read at `context` cached positions: every layer's attention
+    projections and norms, its FFN (dense; or router + shared expert + the routed experts the
+    batch selects, expected distinct count under uniform top-k routing, `expert_bytes` a
+    weight), the keys/values it attends (one chunk at most on chunked layers), the final norm
+    and LM head; everything but the routed experts in bf16."""
     H, D, E, k = cfg.hidden_size, cfg.head_dim, cfg.num_local_experts, cfg.num_experts_per_tok
     attn_w = H * D * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
     expert = 3 * H * cfg.intermediate_size
@@ -217,7 +226,7 @@ def decode_floor_bytes(cfg, batch: int, context: int) -> float:
         keys = context + 1 if not cfg.is_chunked(layer) else min(context + 1, cfg.attention_chunk_size)
         total += batch * 2 * cfg.num_key_value_heads * keys * D
         if layer in cfg.moe_layers:
-            total += H * E + expert + distinct * expert
+            total += H * E + expert + distinct * expert * expert_bytes / 2
         else:
             total += 3 * H * cfg.intermediate_size_mlp
     total += H + cfg.vocab_size * H
@@ -227,6 +236,7 @@ def decode_floor_bytes(cfg, batch: int, context: int) -> float:
 def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, budget) -> dict:
     import llama4_fast
 
+    variants = VARIANTS + tuple(f"thin_{w}" for w in args.weights if w != "bf16")
     hf = build_hf_model(text_config, dtype, device)
     cfg = llama4_fast.Llama4Config.from_hf(hf.config)
     weights_gib = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**30
@@ -253,7 +263,7 @@ def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, bud
         for prompt in args.prompts:
             ids = torch.randint(3, cfg.vocab_size, (batch, prompt), device=device)
             row = {"model": name, "batch": batch, "prompt": prompt, "new_tokens": args.new_tokens}
-            for v in VARIANTS:
+            for v in variants:
                 if budget.exhausted():
                     row[v] = {"error": "skipped: time budget"}
                     continue
@@ -266,11 +276,16 @@ def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, bud
                 except torch.OutOfMemoryError:
                     row[v] = {"error": "out of memory"}
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            for v in variants[3:]:  # the thin model, bf16 and quantized: against its roofline floor
+                res = row.get(v, {})
+                if "decode_ms_per_token" in res:
+                    weights = "bf16" if v == "thin" else v.removeprefix("thin_")
+                    floor_bytes = decode_floor_bytes(cfg, batch, prompt + args.new_tokens // 2, EXPERT_BYTES[weights])
+                    floor_s = floor_bytes / (ceilings["hbm_tbps"] * 1e12)
+                    res["floor_ms_per_token"] = floor_s * 1e3
+                    res["x_floor"] = res["decode_ms_per_token"] / (floor_s * 1e3)
             thin = row.get("thin", {})
-            if "decode_ms_per_token" in thin:
-                floor_s = decode_floor_bytes(cfg, batch, prompt + args.new_tokens // 2) / (ceilings["hbm_tbps"] * 1e12)
-                thin["floor_ms_per_token"] = floor_s * 1e3
-                thin["x_floor"] = thin["decode_ms_per_token"] / (floor_s * 1e3)
+            if "decode_tok_s" in thin:
                 for base in ("hf_eager", "hf_sdpa", "hf_patched"):
                     if "decode_tok_s" in row.get(base, {}):
                         row[f"thin_vs_{base}"] = thin["decode_tok_s"] / row[base]["decode_tok_s"]
@@ -280,10 +295,10 @@ def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, bud
                 row["patched_peak_vs_sdpa"] = row["hf_patched"]["peak_gib"] / row["hf_sdpa"]["peak_gib"]
             rows.append(row)
             print(f"  {name} B={batch} prompt={prompt}: " + ", ".join(
-                f"{v} {row[v].get('decode_tok_s', float('nan')):.1f} tok/s" for v in VARIANTS), flush=True)
+                f"{v} {row[v].get('decode_tok_s', float('nan')):.1f} tok/s" for v in variants), flush=True)
 
     del hf
-    return {"model": name, "layers": cfg.num_hidden_layers, "moe_layers": cfg.moe_layers,
+    return {"model": name, "layers": cfg.num_hidden_layers, "moe_layers": cfg.moe_layers, "variants": variants,
             "weights_gib": weights_gib, "text_config": text_config, "cases": rows, "split_us": split}
 
 
@@ -295,6 +310,8 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 16)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per case (default 128)")
     parser.add_argument("--repeats", type=int, default=3, help="timed generate calls per number (median)")
+    parser.add_argument("--weights", nargs="+", choices=sorted(EXPERT_BYTES), default=["bf16"],
+                        help="routed-expert formats of the thin model (fp8/int4 add thin_fp8/thin_int4)")
     parser.add_argument("--budget-s", type=float, default=600.0,
                         help="wall-clock budget, shared equally by the models; later cases are skipped")
     parser.add_argument("--no-split", dest="split", action="store_false", help="skip the profiler split")
@@ -304,12 +321,9 @@ def main(argv=None):
 
     device = common.device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if args.quick:
+    if args.quick:  # toy sizes whatever else was asked: the suite's CPU dry run passes GPU sizes
         models = {"tiny": dict(TINY_TEXT_CONFIG)}
-        args.prompts = args.prompts or [16, 40]
-        args.batches = args.batches or [2]
-        args.new_tokens = args.new_tokens or 4
-        args.repeats = 1
+        args.prompts, args.batches, args.new_tokens, args.repeats = [16, 40], [2], 4, 1
     else:
         models = {m: MODELS[m] for m in args.models}
         args.prompts = args.prompts or [512, 4096]
@@ -338,19 +352,21 @@ def print_tables(results, dtype):
         print(f"\n{res['model']}: {res['layers']} layers (MoE layers {res['moe_layers']}), "
               f"{res['weights_gib']:.1f} GiB of {dtype} weights, {common.gpu_name()}")
         flat = []
+        variants = res["variants"]
         for row in res["cases"]:
             r = {"batch": row["batch"], "prompt": row["prompt"]}
-            for v in VARIANTS:
+            for v in variants:
                 r[f"{v}_tok_s"] = row[v].get("decode_tok_s")
                 r[f"{v}_ttft"] = row[v].get("ttft_ms")
-            r["x_floor"] = row["thin"].get("x_floor")
+                r[f"{v}_x_floor"] = row[v].get("x_floor")
             r["patched_vs_sdpa"] = row.get("patched_vs_sdpa")
             r["peak_ratio"] = row.get("patched_peak_vs_sdpa")
             flat.append(r)
         cols = [("batch", "B", ""), ("prompt", "prompt", "")]
-        cols += [(f"{v}_tok_s", f"{v} tok/s", ".1f") for v in VARIANTS]
-        cols += [(f"{v}_ttft", f"{v} TTFT ms", ".1f") for v in VARIANTS]
-        cols += [("x_floor", "thin / floor", ".2f"), ("patched_vs_sdpa", "patched / sdpa", ".2f"),
+        cols += [(f"{v}_tok_s", f"{v} tok/s", ".1f") for v in variants]
+        cols += [(f"{v}_ttft", f"{v} TTFT ms", ".1f") for v in variants]
+        cols += [(f"{v}_x_floor", f"{v} / floor", ".2f") for v in variants[3:]]
+        cols += [("patched_vs_sdpa", "patched / sdpa", ".2f"),
                  ("peak_ratio", "peak patched / sdpa", ".3f")]
         print(common.markdown_table(flat, cols))
         split = res["split_us"]

@@ -9,8 +9,8 @@
 #   bash benchmarks/run_gpu_suite.sh --quick                # CPU dry run: toy sizes, Triton interpreter
 #
 # Steps and their limits (s): moe_dispatch 220, attention 115, qk_prologue 45, quant_matmul 90
-# (kernels: 470 with install and gpu-info), hf_patch 40, e2e 200, scaling 60, gpu-tests 120 (whole
-# model and tests: 500). Together they exceed one 10-minute device call, so a lease runs the two
+# (kernels: 470 with install and gpu-info), hf_patch 40, e2e 230, scaling 60, gpu-tests 120 (whole
+# model and tests: 530). Together they exceed one 10-minute device call, so a lease runs the two
 # halves as two calls on the same warm machine:
 #   bash benchmarks/run_gpu_suite.sh moe_dispatch attention qk_prologue quant_matmul
 #   bash benchmarks/run_gpu_suite.sh hf_patch e2e scaling gpu-tests
@@ -56,7 +56,7 @@ step attention 115 $PY benchmarks/attention.py $QUICK --budget-s 80
 step qk_prologue 45 $PY benchmarks/qk_prologue.py $QUICK --budget-s 25
 step quant_matmul 90 $PY benchmarks/quant_matmul.py $QUICK --budget-s 60
 step hf_patch 40 $PY benchmarks/hf_patch.py $QUICK
-step e2e 200 $PY benchmarks/e2e.py $QUICK --budget-s 150 --repeats 1
+step e2e 230 $PY benchmarks/e2e.py $QUICK --budget-s 170 --repeats 1 --prompts 512 --batches 1 16 --weights bf16 fp8 int4
 if [ -z "$QUICK" ]; then  # the CPU dry run of scaling (2 gloo ranks) is its own test
   step scaling 60 $PY benchmarks/scaling.py
   step gpu-tests 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests
