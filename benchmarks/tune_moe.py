@@ -10,7 +10,6 @@ current choice. Prints a table per case and writes benchmarks/results/tune_moe-<
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path

@@ -56,7 +56,6 @@ kernel variant (plus the merge kernel when it splits).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +64,7 @@ import triton
 import triton.language as tl
 
 from . import checks
+from .device import sm_count
 
 # Decode path threshold: up to this many new tokens per sequence the GQA group is packed into
 # the query rows (Llama 4: 5 heads x 16 queries = 80 rows, one block), so each K/V tile is read
@@ -368,11 +368,6 @@ def _launch_config(block_d: int, dtype: torch.dtype, decode: bool, rows: int) ->
     return LaunchConfig(min(64, rows_pow2), 32, 8, 2)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
     """How many KV splits to launch, from shapes only (no device sync).
 
@@ -382,8 +377,7 @@ def _num_splits(programs: int, max_keys: int, block_n: int, device: torch.device
     (B=16 decode: 128 programs on 264 slots -> 2 splits, one full wave, rather than 3 splits
     and a half-empty second wave). Each split keeps at least _MIN_KEYS_PER_SPLIT keys.
     """
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else _INTERPRETER_SMS
+    sms = sm_count(device) or _INTERPRETER_SMS
     slots = _PROGRAMS_PER_SM * sms
     if programs * 4 >= slots * 3:
         return 1

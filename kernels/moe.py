@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from . import checks
+from .device import sm_count
 from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
 from .quant_matmul import format_code, quant_weight_args, quantize_fp8_activations
 from .routing import dispatch_metadata
@@ -358,11 +359,8 @@ def select_config(num_tokens: int, top_k: int, E: int, H: int, I: int, dtype: to
                    down=replace(cfg.down, split_k=_split_k(cfg.down, row_blocks, H, I, num_sms)))
 
 
-@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter runs programs one after another: splitting never pays
+    return sm_count(device) or 1  # the interpreter runs programs one after another: splitting never pays
 
 
 @functools.lru_cache(maxsize=None)

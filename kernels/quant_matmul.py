@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from . import checks
+from .device import sm_count
 from .dequant import (FORMATS, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_MAX, INT4_ASYM, INT4_SYM, dequant_dot,
                       fp8_quantize_rows_kernel, rowwise_epilogue)
 
@@ -248,11 +249,8 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter runs programs one after another: splitting never pays
+    return sm_count(device) or 1  # the interpreter runs programs one after another: splitting never pays
 
 
 @functools.lru_cache(maxsize=4096)
