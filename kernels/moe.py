@@ -54,6 +54,7 @@ import triton.language as tl
 
 from . import checks
 from .device import sm_count
+from .tiling import grouped_tile
 from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
 from .quant_matmul import format_code, quant_weight_args, quantize_fp8_activations
 from .routing import dispatch_metadata
@@ -98,14 +99,8 @@ def _moe_gemm_kernel(
 ):
     # -- which tile: grouped ordering, so the CTAs resident at once share B column blocks
     # (several row blocks of one expert) and A row blocks (several column blocks).
-    pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     # -- which pairs (rows) and which expert.
     offs_r = tl.arange(0, BLOCK_M)
