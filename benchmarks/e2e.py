@@ -116,13 +116,20 @@ def variant(hf, name: str):
     if name == "hf_patched":
         llama4_fast.patch(hf)
     else:
-        hf.set_attn_implementation(name.removeprefix("hf_"))
+        _set_attn_implementation(hf, name.removeprefix("hf_"))
     try:
         yield lambda ids, n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                          min_new_tokens=n, do_sample=False)
     finally:
         llama4_fast.unpatch(hf)
-        hf.set_attn_implementation("sdpa")
+        _set_attn_implementation(hf, "sdpa")
+
+
+def _set_attn_implementation(hf, name: str):
+    if hasattr(hf, "set_attn_implementation"):
+        hf.set_attn_implementation(name)
+    else:  # older transformers: the config field is what the attention modules read
+        hf.config._attn_implementation = name
 
 
 def run_generate(gen, ids, new_tokens: int, repeats: int) -> dict:
