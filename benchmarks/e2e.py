@@ -109,7 +109,7 @@ def variant(hf, name: str):
         if name != "thin":  # thin_fp8 / thin_int4: the thin model's own experts, quantized
             llama4_fast.quantize(thin, name.removeprefix("thin_"))
         try:
-            yield lambda ids, n: thin.generate(ids, n)
+            yield _ThinGenerate(thin)
         finally:
             thin.clear_caches()
         return
@@ -123,6 +123,19 @@ def variant(hf, name: str):
     finally:
         llama4_fast.unpatch(hf)
         _set_attn_implementation(hf, "sdpa")
+
+
+class _ThinGenerate:
+    """thin.generate(ids, n), remembering whether its decode steps replayed a CUDA graph."""
+
+    def __init__(self, thin):
+        self.thin, self.cuda_graph = thin, None
+
+    def __call__(self, ids, n):
+        out = self.thin.generate(ids, n)
+        if n > 1:
+            self.cuda_graph = self.thin.decode_step(ids.shape[0]).graph is not None
+        return out
 
 
 def _set_attn_implementation(hf, name: str):
@@ -280,6 +293,8 @@ def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, bud
                 try:
                     with variant(hf, v) as gen:
                         row[v] = run_generate(gen, ids, args.new_tokens, args.repeats)
+                        if isinstance(gen, _ThinGenerate):
+                            row[v]["cuda_graph"] = gen.cuda_graph
                 except torch.OutOfMemoryError:
                     row[v] = {"error": "out of memory"}
                 torch.cuda.empty_cache() if torch.cuda.is_available() else None

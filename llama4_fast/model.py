@@ -20,6 +20,7 @@ and replays it per token.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 
 from llama4_fast import ops
 from llama4_fast.config import Llama4Config, rope_inv_freq
+
+logger = logging.getLogger("llama4_fast")
 
 
 class RMSNorm(nn.Module):
@@ -503,9 +506,16 @@ class DecodeStep:
                 for _ in range(2):
                     self._run()
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._run()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.logits = self._run()
+            except RuntimeError as e:  # e.g. a backend that synchronises: decode eagerly, loudly
+                logger.warning("llama4_fast: CUDA-graph capture of the decode step failed (%s); "
+                               "decoding without the graph", e)
+                self.cuda_graph = False
+                return self._run()
+            self.graph = graph
         self.graph.replay()
         return self.logits
 
