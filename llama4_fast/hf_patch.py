@@ -16,7 +16,8 @@ What is replaced, per module instance (the classes stay untouched unless `patch_
   build a dense mask: it returns a `MaskLayout` (key positions and chunk size) that the
   attention function hands to `ops.attention`. Without the mask registration transformers
   would skip mask creation for an unknown implementation, and chunked layers would silently
-  lose their chunking. Patterns the layout cannot express (static caches, packed sequences,
+  lose their chunking. Static caches pass their whole buffer and the count of keys filled
+  (`kv_len`). Patterns the layout cannot express (packed sequences,
   masks with holes, custom overlays) fall back, with a one-time warning, to a dense mask and
   transformers' own SDPA attention.
 Projections, RoPE and temperature tuning stay transformers' own code.
@@ -182,10 +183,13 @@ class MaskLayout:
 
     kv_start: position of key 0 (int, or [B] tensor when sequences are left-padded; the
     padding then sits at negative positions). chunk_size: None on global layers.
+    kv_len: None when the queries are the last keys handed over; with a static cache, the
+    [B] int32 count of the buffer's keys that exist (the rest of the buffer is not filled yet).
     """
 
     kv_start: int | torch.Tensor
     chunk_size: int | None
+    kv_len: torch.Tensor | None = None
 
 
 _warned: set[str] = set()
@@ -222,6 +226,7 @@ def llama4_fast_mask(batch_size, kv_length, kv_offset=0, mask_function=None, att
     q_length and q_offset). Returns a MaskLayout, or a dense bool mask for other patterns."""
     dense_kwargs = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
                         attention_mask=attention_mask, local_size=local_size, **kwargs)
+    device = kwargs.get("device") or (cache_position.device if cache_position is not None else "cpu")
     if cache_position is not None:  # transformers 4.57
         dense_kwargs["cache_position"] = cache_position
         q_length = cache_position.shape[0]
@@ -232,8 +237,13 @@ def llama4_fast_mask(batch_size, kv_length, kv_offset=0, mask_function=None, att
             q_offset = int(q_offset)
     if kwargs.get("use_vmap") or not _is_plain_pattern(mask_function, chunked=local_size is not None):
         return _fallback("the mask has a custom pattern (overlay or packed sequences)", **dense_kwargs)
-    if q_offset + q_length != kv_offset + kv_length:
-        return _fallback("the queries are not the last keys (a static cache)", **dense_kwargs)
+    kv_len = None
+    if q_offset + q_length < kv_offset + kv_length:
+        # A static cache hands over its whole buffer; only the keys up to the last query exist.
+        kv_len = torch.full((batch_size,), q_offset + q_length - kv_offset, dtype=torch.int32,
+                            device=device)
+    elif q_offset + q_length != kv_offset + kv_length:
+        return _fallback("the queries are past the keys", **dense_kwargs)
     kv_start: int | torch.Tensor = kv_offset
     if attention_mask is not None:
         pad = attention_mask.to(torch.bool)
@@ -243,7 +253,7 @@ def llama4_fast_mask(batch_size, kv_length, kv_offset=0, mask_function=None, att
             return _fallback("the padding mask is not pure left padding", **dense_kwargs)
         if bool(left.any()):
             kv_start = kv_offset - left.to(torch.int32)
-    return MaskLayout(kv_start=kv_start, chunk_size=local_size)
+    return MaskLayout(kv_start=kv_start, chunk_size=local_size, kv_len=kv_len)
 
 
 def llama4_fast_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -256,11 +266,11 @@ def llama4_fast_attention(module, query, key, value, attention_mask, scaling=Non
                                       scaling=scaling, **kwargs)
     if dropout and module.training:
         raise NotImplementedError("llama4_fast attention is inference-only (attention dropout > 0 in training)")
-    kv_start = attention_mask.kv_start
-    if isinstance(kv_start, torch.Tensor) and kv_start.device != query.device:
-        # device_map: the mask is built once on the first device, the layer may sit on another
-        kv_start = kv_start.to(query.device)
-    out = ops.attention(query, key, value, chunk_size=attention_mask.chunk_size, scale=scaling, kv_start=kv_start)
+    # device_map: the mask is built once on the first device, the layer may sit on another
+    kv_start, kv_len = (t.to(query.device) if isinstance(t, torch.Tensor) and t.device != query.device else t
+                        for t in (attention_mask.kv_start, attention_mask.kv_len))
+    out = ops.attention(query, key, value, chunk_size=attention_mask.chunk_size, scale=scaling, kv_start=kv_start,
+                        kv_len=kv_len)
     return out.transpose(1, 2), None
 
 

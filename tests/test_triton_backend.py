@@ -45,6 +45,23 @@ def test_patched_model_runs_the_triton_kernels():
 
 
 @torch.no_grad()
+def test_patched_model_static_cache_on_triton():
+    """transformers' static cache: the whole buffer and its filled count (kv_len) reach the kernel."""
+    model = llama4_fast.patch(tiny_hf_model(seed=24, device=DEVICE, **NARROW))
+    ids = torch.randint(3, 1024, (2, 11), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                  cache_implementation="static")
+    with registry.use("torch"):
+        ref = model.generate(ids, **kwargs)
+    with registry.record() as calls:
+        got = model.generate(ids, **kwargs)
+    assert calls[("attention", "triton")] == 4 * 6
+    assert torch.equal(got, ref)
+
+
+@torch.no_grad()
 def test_thin_model_cached_decode_on_triton():
     model = Llama4.from_hf(tiny_hf_model(seed=22, device=DEVICE, **NARROW))
     ids = torch.randint(3, 1024, (1, 13), device=DEVICE)
