@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -253,17 +254,15 @@ def decode_floor_bytes(cfg, batch: int, context: int, expert_bytes: float = 2.0)
     return 2.0 * total
 
 
-def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, budget) -> dict:
+def profile_decode_step(hf, cfg, args, device) -> dict:
+    """The per-layer split of one decode step, thin model and transformers (patched, sdpa), at
+    the first batch size and prompt length; a failure is recorded, not raised."""
     import llama4_fast
 
-    variants = VARIANTS + tuple(f"thin_{w}" for w in args.weights if w != "bf16")
-    hf = build_hf_model(text_config, dtype, device)
-    cfg = llama4_fast.Llama4Config.from_hf(hf.config)
-    weights_gib = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**30
     split = {}
-    if args.split:
-        batch, prompt = args.batches[0], args.prompts[0]
-        ids = torch.randint(3, cfg.vocab_size, (batch, prompt), device=device)
+    batch, prompt = args.batches[0], args.prompts[0]
+    ids = torch.randint(3, cfg.vocab_size, (batch, prompt), device=device)
+    try:
         thin = llama4_fast.Llama4.from_hf(hf)
         thin.setup_caches(batch, prompt + 8)
         thin.prefill(ids)
@@ -275,9 +274,22 @@ def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, bud
             with variant(hf, v):
                 cache = hf(ids, use_cache=True).past_key_values
                 split[v] = profile_split(hf, lambda: hf(ids[:, -1:], past_key_values=cache, use_cache=True))
-                del cache
-        split["context"] = (f"B={batch}, one decode step after a {prompt}-token prompt "
-                            "(thin model without its CUDA graph, so the profiler sees each kernel)")
+    except Exception as e:  # the timing cases still run
+        traceback.print_exc()
+        split["error"] = f"{type(e).__name__}: {e}"[:500]
+    split["context"] = (f"B={batch}, one decode step after a {prompt}-token prompt "
+                        "(thin model without its CUDA graph, so the profiler sees each kernel)")
+    return split
+
+
+def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, budget) -> dict:
+    import llama4_fast
+
+    variants = VARIANTS + tuple(f"thin_{w}" for w in args.weights if w != "bf16")
+    hf = build_hf_model(text_config, dtype, device)
+    cfg = llama4_fast.Llama4Config.from_hf(hf.config)
+    weights_gib = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**30
+    split = profile_decode_step(hf, cfg, args, device) if args.split else {}
     rows = []
     for batch in args.batches:
         for prompt in args.prompts:
@@ -297,7 +309,11 @@ def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, bud
                             row[v]["cuda_graph"] = gen.cuda_graph
                 except torch.OutOfMemoryError:
                     row[v] = {"error": "out of memory"}
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                except Exception as e:  # one broken variant must not cost the run's other numbers
+                    traceback.print_exc()
+                    row[v] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
             for v in variants[3:]:  # the thin model, bf16 and quantized: against its roofline floor
                 res = row.get(v, {})
                 if "decode_ms_per_token" in res:
@@ -396,6 +412,8 @@ def print_tables(results, dtype):
             print(f"\ndecode step split, us ({split['context']})")
             cats = ["attention", "moe", "dense_ffn", "rest", "total"]
             rows = [dict({"variant": v}, **split[v]) for v in ("thin", "hf_patched", "hf_sdpa") if v in split]
+            if "error" in split:
+                print(f"(profiling failed: {split['error']})")
             print(common.markdown_table(rows, [("variant", "variant", "")] + [(c, c, ".0f") for c in cats]))
 
 
