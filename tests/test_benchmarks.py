@@ -72,3 +72,23 @@ def test_moe_dispatch_with_quantized_experts_dry_run(tmp_path, weights):
     assert payload["weights"] == weights
     row = payload["shapes"][0]["rows"][0]
     assert row["rel_err_vs_loop"] < 1e-2  # ours against the torch reference on the same quantized experts
+
+
+def test_e2e_decode_floor_matches_the_published_moe_roofline():
+    """benchmarks/e2e.py's decode floor against DESIGN.md's Maverick MoE layer roofline (top-1 +
+    shared, bf16, 3.0 TB/s): T=1 168 us, T=8 738 us. The rest of the step (attention, the LM
+    head, the dense layer) does not change with the batch at context 0, so the difference
+    between batch 8 and 1 is the experts the extra tokens select: 570 us."""
+    import importlib.util
+
+    from llama4_fast import Llama4Config
+
+    spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "benchmarks" / "e2e.py")
+    e2e = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec.loader.exec_module(e2e)
+    cfg = Llama4Config.from_hf(dict(e2e.MODELS["maverick"], model_type="llama4_text"))
+    extra_us = (e2e.decode_floor_bytes(cfg, 8, 0) - e2e.decode_floor_bytes(cfg, 1, 0)) / 3.0e12 * 1e6
+    assert abs(extra_us - (738 - 168)) < 5, extra_us
+    int4 = e2e.decode_floor_bytes(cfg, 8, 0, e2e.EXPERT_BYTES["int4"]) - e2e.decode_floor_bytes(cfg, 1, 0, e2e.EXPERT_BYTES["int4"])
+    assert abs(int4 / 3.0e12 * 1e6 - 570 * (0.5 + 2 / 128) / 2) < 2  # routed experts at 4.125 bits
