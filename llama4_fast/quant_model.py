@@ -228,7 +228,16 @@ def save_quantized(model: nn.Module, path: str | Path):
                for name, m in model.named_modules() if isinstance(m, _QuantModule)}
     if not formats:
         raise ValueError("the model has no quantized modules: call llama4_fast.quantize first")
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # Keep each tensor's memory order: a transposed view (the K-contiguous FP8 weights the
+    # quantizer makes for Hopper's FP8 MMA) is stored as its contiguous transpose and viewed back
+    # on load, so a reloaded model has the same layouts and gives bit-identical outputs.
+    tensors, transposed = {}, []
+    for k, v in model.state_dict().items():
+        if v.dim() >= 2 and not v.is_contiguous() and v.transpose(-1, -2).is_contiguous():
+            tensors[k] = v.transpose(-1, -2)
+            transposed.append(k)
+        else:
+            tensors[k] = v.contiguous()
     seen = {}
     for k, v in list(tensors.items()):  # tied weights: safetensors stores each storage once
         key = (v.data_ptr(), v.dtype, tuple(v.shape))
@@ -236,7 +245,8 @@ def save_quantized(model: nn.Module, path: str | Path):
             tensors[k] = v.clone()
         seen[key] = k
     save_file(tensors, str(path / "model.safetensors"))
-    (path / MANIFEST).write_text(json.dumps({"format": "llama4_fast", "modules": formats}, indent=1) + "\n")
+    manifest = {"format": "llama4_fast", "modules": formats, "transposed": transposed}
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 @torch.no_grad()
@@ -251,6 +261,8 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
     model = _text_model(model)
     device = next(model.parameters()).device
     state = load_file(str(path / "model.safetensors"), device=str(device))
+    for k in manifest.get("transposed", []):
+        state[k] = state[k].transpose(-1, -2)
     for name, entry in manifest["modules"].items():
         module = model.get_submodule(name)
         if isinstance(module, _QuantModule):

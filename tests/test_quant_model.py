@@ -97,6 +97,21 @@ def test_int4_save_and_reload_gives_identical_outputs(tmp_path):
 
 
 @pytest.mark.usefixtures("torch_backend_on_cpu")
+@pytest.mark.parametrize("scheme", ["fp8", "fp8_block"])
+@torch.no_grad()
+def test_fp8_save_and_reload_gives_identical_outputs(tmp_path, scheme):
+    model = llama4_fast.quantize(Llama4.from_hf(tiny_hf_model(seed=5, **SMALL)), scheme, attention=True)
+    llama4_fast.save_quantized(model, tmp_path)
+    fresh = Llama4.from_hf(tiny_hf_model(seed=6, **SMALL))
+    llama4_fast.load_quantized(fresh, tmp_path)
+    ids = torch.randint(3, 1024, (2, 19))
+    assert torch.equal(fresh(ids), model(ids))
+    saved, loaded = model.layers[1].feed_forward.experts, fresh.layers[1].feed_forward.experts
+    assert loaded.gate_up_qweight.dtype == torch.float8_e4m3fn
+    assert loaded.gate_up_qweight.stride() == saved.gate_up_qweight.stride()  # K-contiguous kept
+
+
+@pytest.mark.usefixtures("torch_backend_on_cpu")
 @torch.no_grad()
 def test_int4_transformers_model_save_and_reload(tmp_path):
     hf = llama4_fast.quantize(tiny_hf_model(seed=9, **SMALL), "int4", group_size=64, attention=True)
