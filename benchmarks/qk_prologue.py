@@ -29,7 +29,6 @@ import argparse
 import itertools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,10 +104,10 @@ def graph_us(fn, inputs) -> float | None:
     return common.time_us(lambda: next(turn).replay())
 
 
-def timed(label, fn, inputs, graph: bool, deadline: float) -> dict:
+def timed(label, fn, inputs, graph: bool, budget: common.Budget) -> dict:
     """{'us', 'graph_us'} of fn over the rotating input sets, or {'error'}: a failing or
     skipped implementation never stops the run."""
-    if time.monotonic() > deadline:
+    if budget.exhausted():
         return {"error": "skipped: time budget"}
     try:
         entry = {"us": common.time_us(lambda: fn(*inputs()))}
@@ -121,7 +120,7 @@ def timed(label, fn, inputs, graph: bool, deadline: float) -> dict:
         return {"error": msg}
 
 
-def bench_case(cfg, dtype, device, ceilings, deadline, B: int, S: int, context: int, layer: str) -> dict:
+def bench_case(cfg, dtype, device, ceilings, budget, B: int, S: int, context: int, layer: str) -> dict:
     """One row: B sequences with S new tokens each, at positions context - S .. context - 1."""
     hq, hkv = cfg["heads"]
     D, size = cfg["head_dim"], dtype.itemsize
@@ -161,7 +160,7 @@ def bench_case(cfg, dtype, device, ceilings, deadline, B: int, S: int, context: 
         print(f"  [check] failed: {type(e).__name__}: {e}", flush=True)
     for name, fn in (("torch", prologue(torch_chain)), ("fused", prologue(fused)), ("q_side", prologue(q_side)),
                      ("attn", attention)):
-        row[name] = timed(name, fn, inputs, graph, deadline)
+        row[name] = timed(name, fn, inputs, graph, budget)
     f = row["fused"]
     if "us" in f:
         f.update(common.roofline(f["us"], moved, 0.0, ceilings))
@@ -211,7 +210,7 @@ def main(argv=None):
     device = common.device()
     cfg = (QUICK_GPU if device == "cuda" else QUICK_CPU) if args.quick or device == "cpu" else FULL
     dtype = torch.bfloat16 if device == "cuda" else torch.float16  # the interpreter has no bf16
-    deadline = time.monotonic() + args.budget_s
+    budget = common.Budget(args.budget_s)
     torch.manual_seed(0)
     ceilings = common.measure_ceilings(quick=args.quick)
     # Decode first: cheapest, and where the prologue weighs most against attention.
@@ -219,7 +218,7 @@ def main(argv=None):
     rows = []
     for (B, S, context), layer in itertools.product(cases, LAYERS):
         print(f"B={B} S={S} context={context} {layer}", flush=True)
-        rows.append(bench_case(cfg, dtype, device, ceilings, deadline, B, S, context, layer))
+        rows.append(bench_case(cfg, dtype, device, ceilings, budget, B, S, context, layer))
         if device == "cuda":
             torch.cuda.empty_cache()
     hq, hkv = cfg["heads"]

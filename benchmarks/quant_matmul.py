@@ -26,7 +26,6 @@ import argparse
 import itertools
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -37,7 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import L2_BYTES, device, markdown_table, measure_ceilings, roofline, rotating, time_us, write_results  # noqa: E402
+from common import L2_BYTES, Budget, device, markdown_table, measure_ceilings, roofline, rotating, time_us, write_results  # noqa: E402
 
 from llama4_fast.kernels import quant_matmul  # noqa: E402
 from llama4_fast.quant import Fp8Weight, Int4Weight, quant_linear_ref, quantize_fp8_activations_ref  # noqa: E402
@@ -113,7 +112,7 @@ def make_methods(w: torch.Tensor, dtype, scaled_mm_reason):
     return methods, refs
 
 
-def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, deadline, scaled_mm_reason):
+def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_mm_reason):
     gen = torch.Generator(device=dev).manual_seed(SEED)
     # Independent weight sets, rotated so that even the smallest format (INT4) streams from
     # HBM: together they span twice the L2. Set 0 is the one whose answers are checked.
@@ -130,7 +129,7 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, deadline, scaled
                        + K * N // 2)
         x0 = nxt()[0]
         for method, fn in methods.items():
-            if time.monotonic() > deadline:
+            if budget.exhausted():
                 row["errors"][method] = "skipped: time budget"
                 continue
             bytes_moved = weight_bytes(method, K, N, dtype.itemsize) + M * (K + N) * dtype.itemsize
@@ -182,7 +181,7 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=120.0, help="past this wall time, remaining cases print '-'")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing cases")
     args = p.parse_args(argv)
-    deadline = time.monotonic() + args.budget_s
+    budget = Budget(args.budget_s)
 
     dev = device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter has no bf16 dot
@@ -203,7 +202,7 @@ def main(argv=None):
     for name in names:
         K, N = table[name]
         print(f"\n## K x N = {name}, {str(dtype).replace('torch.', '')}", flush=True)
-        rows = bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, deadline, scaled_mm_reason)
+        rows = bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_mm_reason)
         results["shapes"].append({"name": name, "K": K, "N": N, "rows": rows})
         print()
         print(markdown_table(rows, COLUMNS))
