@@ -201,11 +201,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def out_like(out, like: torch.Tensor, like_name: str, name: str = "out"):
-    """`out` (called `name` in errors) must be a tensor with `like`'s shape, dtype and device,
-    and no broadcast (stride-0) dimension, whose elements would overlap when written."""
+def out_like(out, like: torch.Tensor, like_name: str, name: str = "out", shape: tuple | None = None):
+    """`out` (called `name` in errors) must be a tensor with `like`'s shape (or `shape` when
+    given), dtype and device, and no broadcast (stride-0) dimension, whose elements would
+    overlap when written."""
     tensor(name, out)
-    if out.shape != like.shape:
+    if shape is not None:
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"{name} must be {list(shape)}, got {list(out.shape)}")
+    elif out.shape != like.shape:
         raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(out.shape)}")
     if out.dtype != like.dtype:
         raise TypeError(f"{name} must have {like_name}'s dtype {like.dtype}, got {out.dtype}")

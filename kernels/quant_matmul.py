@@ -205,15 +205,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     else:
-        checks.tensor("out", out, ndim=2)
-        if tuple(out.shape) != (M, N):
-            raise ValueError(f"out must be [M={M}, N={N}], got {list(out.shape)}")
-        if out.dtype != x.dtype:
-            raise TypeError(f"out must have x's dtype {x.dtype}, got {out.dtype}")
-        if out.device != x.device:
-            raise ValueError(f"out is on {out.device} but x is on {x.device}")
-        if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
-            raise ValueError("out must not be a broadcast (stride-0) view: its elements would overlap")
+        checks.out_like(out, x, "x", shape=(M, N))  # x's dtype and device, [M, N]
     if M == 0:
         return out
     if is_int4:
