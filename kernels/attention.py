@@ -422,12 +422,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
     Hkv, Skv = k.shape[1], k.shape[2]
     if not supports_head_dim(D):
         raise ValueError(f"head dim D={D} is not supported (1 <= D <= 256)")
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and checks.interpreting()):
-        raise ValueError(f"q is on {q.device}: chunked_attention needs CUDA tensors "
-                         "(or CPU tensors with TRITON_INTERPRET=1)")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        raise TypeError("bfloat16 is not supported under the Triton interpreter (its bf16 tl.dot "
-                        "multiplies raw bits, triton issue 11584): use float16/float32 on CPU")
+    checks.kernel_device("q", q, "chunked_attention", "its bf16 tl.dot multiplies raw bits, triton issue 11584")
     # Positions and key indices are int32 in the kernel. A CUDA kv_start tensor is not read back
     # (no host sync): its values are the caller's to keep within range.
     if isinstance(kv_start, int):

@@ -201,6 +201,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def kernel_device(name: str, x: torch.Tensor, op: str, bf16_reason: str):
+    """A launcher's input `x` (called `name`) must be on CUDA, or on the CPU under the Triton
+    interpreter, where bfloat16 is refused (`bf16_reason`: what the interpreter gets wrong for
+    this kernel)."""
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+        raise ValueError(f"{name} is on {x.device}: {op} needs CUDA tensors "
+                         "(or CPU tensors with TRITON_INTERPRET=1)")
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError(f"bfloat16 is not supported under the Triton interpreter ({bf16_reason}): "
+                        "use float16/float32 on CPU")
+
+
 def out_like(out, like: torch.Tensor, like_name: str, name: str = "out", shape: tuple | None = None):
     """`out` (called `name` in errors) must be a tensor with `like`'s shape (or `shape` when
     given), dtype and device, and no broadcast (stride-0) dimension, whose elements would

@@ -204,12 +204,7 @@ def qk_prologue(q: torch.Tensor, k: torch.Tensor, *, cos: torch.Tensor | None = 
         device, so the call can be captured in a CUDA graph.
     """
     checks.qk_prologue_args(q, k, cos, sin, qk_norm_eps, positions, temperature, q_out, k_out)
-    if q.device.type != "cuda" and not (q.device.type == "cpu" and checks.interpreting()):
-        raise ValueError(f"q is on {q.device}: qk_prologue needs CUDA tensors "
-                         "(or CPU tensors with TRITON_INTERPRET=1)")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        raise TypeError("bfloat16 is not supported under the Triton interpreter (it truncates fp32 -> bf16 "
-                        "casts instead of rounding to nearest): use float16/float32 on CPU")
+    checks.kernel_device("q", q, "qk_prologue", "it truncates fp32 -> bf16 casts instead of rounding to nearest")
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     if D > MAX_HEAD_DIM:
