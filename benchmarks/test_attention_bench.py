@@ -7,20 +7,14 @@ time is the kernel's. On CPU: the same calls at toy sizes under the Triton inter
 The script stays the way to get the full tables, rooflines and baselines.
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # before the kernels (and triton) are imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import attention as bench  # sets TRITON_INTERPRET on a machine without a GPU, before triton loads
 
-_spec = importlib.util.spec_from_file_location("bench_attention", Path(__file__).with_name("attention.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+HAS_CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16

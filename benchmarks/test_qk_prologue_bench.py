@@ -6,20 +6,14 @@ batch-16 decode, each call synchronised; CPU: the same calls at toy sizes under 
 interpreter. The script stays the way to get the tables with attention side by side.
 """
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # before the kernels (and triton) are imported
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import qk_prologue as bench  # sets TRITON_INTERPRET on a machine without a GPU, before triton loads
 
-_spec = importlib.util.spec_from_file_location("bench_qk_prologue", Path(__file__).with_name("qk_prologue.py"))
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+HAS_CUDA = torch.cuda.is_available()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16
