@@ -21,7 +21,7 @@ and replays it per token.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,9 @@ class Positions:
         c - pad[b]) as a [B] int64 device tensor and as a host list (prefill only); None and
         None without padding (a decode step always carries the tensor, zeros if unpadded).
     positions: [B or 1, S] int64 absolute positions; cos, sin: [B or 1, S, D/2] float32 RoPE.
+
+    What the layers derive from these is computed once per forward and shared (`_memo`): a
+    decode step's cache slots are the same for every global layer and for every chunked one.
     """
 
     col: int | torch.Tensor
@@ -62,6 +65,31 @@ class Positions:
     positions: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def decode_slots(self, chunk_size: int | None):
+        """Decode step: where the new token goes in a cache and what attention reads there.
+        Global cache (chunk_size None): (column index [1], None, kv_start [B], kv_len [B]), the
+        padding at negative positions. Chunked cache: (slot [B] = position % C, batch rows [B],
+        kv_start [B] = each sequence's chunk start, kv_len [B] = slot + 1). int32 kv_*."""
+        if chunk_size not in self._memo:
+            B = self.pad.shape[0]
+            if chunk_size is None:
+                self._memo[None] = (self.col.view(1), None, (-self.pad).to(torch.int32),
+                                    (self.col + 1).to(torch.int32).view(1).repeat(B))
+            else:
+                pos = self.col - self.pad
+                slot = pos % chunk_size  # each sequence's own chunk, so its own slot
+                self._memo[chunk_size] = (slot, torch.arange(B, device=slot.device), (pos - slot).to(torch.int32),
+                                          (slot + 1).to(torch.int32))
+        return self._memo[chunk_size]
+
+    def temperature_positions(self, batch: int) -> torch.Tensor:
+        """[B, S] positions for the NoPE temperature; padding (negative positions, where the
+        temperature is -inf) is clamped to 0 so padded query rows stay finite."""
+        if "temperature" not in self._memo:
+            self._memo["temperature"] = self.positions.clamp(min=0).expand(batch, -1)
+        return self._memo["temperature"]
 
 
 class KVCache(nn.Module):
@@ -80,23 +108,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write_step(self, col: torch.Tensor, pad: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Decode: store k, v [B, Hkv, 1, D] of the token at cache column `col` (0-d int64 on
-        the device; sequence b's token sits at position col - pad[b]); return (keys, values,
-        kv_start [B], kv_len [B]) over the whole buffer: `ops.attention` arguments with fixed
-        shapes, nothing read back to the host."""
+    def write_step(self, at: Positions, k: torch.Tensor, v: torch.Tensor):
+        """Decode: store k, v [B, Hkv, 1, D] of the token at device column `at.col`; return
+        (keys, values, kv_start [B], kv_len [B]) over the whole buffer: `ops.attention`
+        arguments with fixed shapes, nothing read back to the host."""
         B = k.shape[0]
         kc, vc = self.k[:B], self.v[:B]
-        if self.chunk_size is None:  # slot = column; the padding sits at negative positions
-            kc.index_copy_(2, col.view(1), k)
-            vc.index_copy_(2, col.view(1), v)
-            return kc, vc, (-pad).to(torch.int32), (col + 1).to(torch.int32).view(1).repeat(B)
-        pos = col - pad
-        slot = pos % self.chunk_size  # each sequence's own chunk, so its own slot
-        rows = torch.arange(B, device=k.device)
-        kc[rows, :, slot] = k[:, :, 0]
-        vc[rows, :, slot] = v[:, :, 0]
-        return kc, vc, (pos - slot).to(torch.int32), (slot + 1).to(torch.int32)
+        slot, rows, kv_start, kv_len = at.decode_slots(self.chunk_size)
+        if rows is None:  # global: one column for the whole batch
+            kc.index_copy_(2, slot, k)
+            vc.index_copy_(2, slot, v)
+        else:
+            kc[rows, :, slot] = k[:, :, 0]
+            vc[rows, :, slot] = v[:, :, 0]
+        return kc, vc, kv_start, kv_len
 
     def update(self, col: int, pad: list[int] | None, k: torch.Tensor, v: torch.Tensor):
         """Prefill: store k, v [B, Hkv, S, D] of cache columns col..col+S-1 (sequence b's column
@@ -166,13 +191,11 @@ class Attention(nn.Module):
         if self.use_rope:
             q, k = ops.qk_prologue(q, k, cos=at.cos, sin=at.sin, qk_norm_eps=self.qk_norm_eps)
         elif self.temperature is not None:
-            # padding sits at negative positions, where the temperature is -inf: clamp to keep q finite
-            q, k = ops.qk_prologue(q, k, positions=at.positions.clamp(min=0).expand(B, S),
-                                   temperature=self.temperature)
+            q, k = ops.qk_prologue(q, k, positions=at.temperature_positions(B), temperature=self.temperature)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kv_len = None
         if isinstance(at.col, torch.Tensor):
-            keys, values, kv_start, kv_len = self.kv_cache.write_step(at.col, at.pad, k, v)
+            keys, values, kv_start, kv_len = self.kv_cache.write_step(at, k, v)
         elif self.kv_cache is None:
             if at.col != 0:
                 raise ValueError("start_pos > 0 needs a KV cache: call setup_caches first")
