@@ -20,7 +20,10 @@ What is replaced, per module instance (the classes stay untouched unless `patch_
   (`kv_len`). Patterns the layout cannot express (packed sequences,
   masks with holes, custom overlays) fall back, with a one-time warning, to a dense mask and
   transformers' own SDPA attention.
-Projections, RoPE and temperature tuning stay transformers' own code.
+- Llama4TextAttention.forward: RoPE, the L2 qk-norm and the NoPE temperature in one
+  `ops.qk_prologue` call; the projections, the cache update and the attention interface are
+  transformers' own calls. A transformers release whose attention forward has another signature
+  keeps its forward (with a warning).
 
 Sharded models (docs/scaling.md): under `tp_plan="auto"` (transformers 5.x, torchrun) the
 patched MoE runs the kernel on each rank's expert shards and all-reduces the partial output over
@@ -38,6 +41,7 @@ fbgemm-gpu package is not needed.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 from dataclasses import dataclass
@@ -50,6 +54,7 @@ from llama4_fast import ops
 logger = logging.getLogger("llama4_fast")
 ATTN_IMPLEMENTATION = "llama4_fast"
 SUPPORTED_TRANSFORMERS = "4.57.x and 5.x"
+_warned: set[str] = set()  # one-time warnings already given
 
 
 # -- version gate -------------------------------------------------------------------------------
@@ -172,8 +177,30 @@ def _l2_norm_forward(self, x):
 
 
 def _forwards(m) -> dict[type, types.FunctionType]:
-    return {m.Llama4TextMoe: _moe_forward, m.Llama4Router: _router_forward,
-            m.Llama4TextRMSNorm: _rms_norm_forward, m.Llama4TextL2Norm: _l2_norm_forward}
+    forwards = {m.Llama4TextMoe: _moe_forward, m.Llama4Router: _router_forward,
+                m.Llama4TextRMSNorm: _rms_norm_forward, m.Llama4TextL2Norm: _l2_norm_forward}
+    if _known_attention_signature(m.Llama4TextAttention.forward):
+        forwards[m.Llama4TextAttention] = _attention_forward
+    return forwards
+
+
+# The two Llama4TextAttention.forward signatures _attention_forward stands in for (5.x, 4.57).
+_ATTENTION_SIGNATURES = (("self", "hidden_states", "position_embeddings", "attention_mask", "cache", "kwargs"),
+                         ("self", "hidden_states", "position_embeddings", "attention_mask", "past_key_values",
+                          "cache_position", "kwargs"))
+
+
+def _known_attention_signature(forward) -> bool:
+    """A transformers release whose attention forward takes other arguments keeps its own
+    forward (RoPE and temperature as transformers runs them), rather than a guessed one."""
+    names = tuple(inspect.signature(forward).parameters)
+    if names in _ATTENTION_SIGNATURES:
+        return True
+    if "attention" not in _warned:
+        _warned.add("attention")
+        logger.warning("llama4_fast: transformers' Llama4TextAttention.forward%s is not one the patch knows; "
+                       "its q/k prologue (RoPE, qk-norm, temperature) stays transformers' own", names[1:])
+    return False
 
 
 # -- attention and its mask ---------------------------------------------------------------------
@@ -191,8 +218,6 @@ class MaskLayout:
     chunk_size: int | None
     kv_len: torch.Tensor | None = None
 
-
-_warned: set[str] = set()
 
 
 def _fallback(reason: str, **mask_kwargs):
@@ -272,6 +297,65 @@ def llama4_fast_attention(module, query, key, value, attention_mask, scaling=Non
     out = ops.attention(query, key, value, chunk_size=attention_mask.chunk_size, scale=scaling, kv_start=kv_start,
                         kv_len=kv_len)
     return out.transpose(1, 2), None
+
+
+def _attention_forward(self, hidden_states, position_embeddings, attention_mask, **kwargs):
+    """Llama4TextAttention.forward with everything between the projections and the cache in
+    one `ops.qk_prologue` call: RoPE from transformers' complex freqs_cis (its real and
+    imaginary parts are the cos/sin tables), the L2 qk-norm, and the NoPE layers' temperature
+    at transformers' positions. transformers runs these as about ten small ops per layer
+    (complex multiplies, casts, the log/floor chain), which a decode step pays for in launches.
+    q and k are written straight into [B, H, S, D] memory, the layout the cache and attention take.
+    The cache update and the attention interface are transformers' own calls; 5.x hands the
+    cache as `cache`, 4.57 as `past_key_values` with `cache_position`."""
+    B, S = hidden_states.shape[:2]
+    D = self.head_dim
+    q = self.q_proj(hidden_states).view(B, S, -1, D)
+    k = self.k_proj(hidden_states).view(B, S, -1, D)
+    v = self.v_proj(hidden_states).view(B, S, -1, D).transpose(1, 2)
+    if "cache" in kwargs:  # transformers 5.x
+        cache = kwargs.pop("cache")
+        cache_position = None
+    else:  # 4.57
+        cache = kwargs.pop("past_key_values", None)
+        cache_position = kwargs.pop("cache_position", None)
+
+    prologue = {}
+    if self.use_rope:
+        table = torch.view_as_real(position_embeddings.to(q.device))  # [B or 1, S, D/2, (cos, sin)]
+        prologue.update(cos=table[..., 0], sin=table[..., 1])
+    if hasattr(self, "qk_norm"):  # transformers builds it only for use_qk_norm on RoPE layers
+        prologue["qk_norm_eps"] = self.qk_norm.eps
+    if self.attn_temperature_tuning and not self.use_rope:
+        if cache_position is not None:
+            positions = cache_position
+        else:  # transformers 5.x: the same count of past tokens for every sequence
+            past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+            positions = torch.arange(past, past + S, device=q.device)
+        prologue.update(positions=positions, temperature=(float(self.floor_scale), float(self.attn_scale)))
+    if prologue:
+        q_out = q.new_empty(B, q.shape[2], S, D).transpose(1, 2)
+        k_out = k.new_empty(B, k.shape[2], S, D).transpose(1, 2) if "cos" in prologue or "qk_norm_eps" in prologue \
+            else None
+        q, k = ops.qk_prologue(q, k, q_out=q_out, k_out=k_out, **prologue)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+
+    if cache is not None:
+        if cache_position is None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        else:
+            k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
+    implementation = self.config._attn_implementation
+    if implementation == ATTN_IMPLEMENTATION:
+        interface = llama4_fast_attention
+    else:  # the user switched the implementation after patching
+        from transformers.models.llama4 import modeling_llama4 as m
+
+        interface = (m.eager_attention_forward if implementation == "eager"
+                     else m.ALL_ATTENTION_FUNCTIONS[implementation])
+    out, weights = interface(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+                             scaling=self.scaling, **kwargs)
+    return self.o_proj(out.reshape(B, S, -1).contiguous()), weights
 
 
 def _register_attention():

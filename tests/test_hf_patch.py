@@ -57,6 +57,8 @@ def test_patched_equals_unpatched(case):
     moe_layers = len(model.config.moe_layers)
     assert sum(n for (op, _), n in calls.items() if op == "fused_moe") == moe_layers * 41
     assert sum(n for (op, _), n in calls.items() if op == "attention") == 4 * 41
+    # every layer's RoPE / qk-norm / temperature in one prologue call
+    assert sum(n for (op, _), n in calls.items() if op == "qk_prologue") == 4 * 41
 
 
 @torch.no_grad()
@@ -188,6 +190,31 @@ def test_static_cache_runs_natively(caplog):
     assert torch.equal(got, ref)
     assert "falls back" not in caplog.text
     assert sum(n for (op, _), n in calls.items() if op == "attention") == 4 * 20
+
+
+@torch.no_grad()
+def test_unknown_attention_signature_keeps_transformers_forward(monkeypatch, caplog):
+    """A transformers release with another attention forward keeps its own q/k prologue: the
+    patch warns and still patches the rest, with unchanged outputs."""
+    from transformers.models.llama4 import modeling_llama4 as m
+
+    original = m.Llama4TextAttention.forward
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, new_cache_argument=None, **kwargs):
+        return original(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+
+    monkeypatch.setattr(m.Llama4TextAttention, "forward", forward)
+    model = tiny_hf_model(seed=9, **SMALL)
+    ids = torch.randint(3, 1024, (1, 20))
+    ref = model(ids).logits
+    hf_patch._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="llama4_fast"):
+        llama4_fast.patch(model)
+    assert "q/k prologue (RoPE, qk-norm, temperature) stays transformers' own" in caplog.text
+    with registry.record() as calls:
+        got = model(ids).logits
+    _assert_logits_close(got, ref)
+    assert not any(op == "qk_prologue" for op, _ in calls) and any(op == "attention" for op, _ in calls)
 
 
 def test_patch_rejects_other_models():
