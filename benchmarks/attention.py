@@ -12,6 +12,9 @@ global causal layer (the NoPE layers):
          S x S mask with K/V repeated to 40 heads (the efficient backend), skipped past 32k;
   flex   torch flex_attention, compiled once, with the block mask transformers builds
          (create_block_mask of the causal / chunked-causal mask_mod).
+The table also says which fused kernel torch's SDPA ran for the global layer, and which backend
+`ops.attention` takes for the case (llama4_fast/backends/sdpa.py hands plain causal prefill to
+cuDNN where torch picks it).
 TFLOP/s counts the visible work only: 4 * D * (visible (q, k) pairs) per head. % peak is
 against the bf16 matmul rate measured in the same run (common.measure_ceilings).
 
@@ -42,6 +45,8 @@ if not torch.cuda.is_available():  # run the kernels through the interpreter, be
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
+from llama4_fast import registry  # noqa: E402
+from llama4_fast.backends import sdpa as sdpa_backend  # noqa: E402
 from llama4_fast.kernels import chunked_attention  # noqa: E402
 
 HQ, HKV, HEAD_DIM, CHUNK = 40, 8, 128, 8192
@@ -146,6 +151,8 @@ def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:
                     with sdpa_kernel(fused) if device == "cuda" else contextlib.nullcontext():
                         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
                 base = run_case("sdpa", sdpa, inputs, budget, probe, reference)[0]
+                with sdpa_kernel(fused) if device == "cuda" else contextlib.nullcontext():
+                    base["backend"] = sdpa_backend.torch_choice(*probe)  # which fused kernel that was
             elif S <= SDPA_DENSE_MAX:
                 try:
                     base = run_case("sdpa", _dense_mask_sdpa(probe, S, chunk, hq // hkv, device), lambda: probe,
@@ -155,6 +162,7 @@ def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:
             else:
                 base = {"error": f"skipped: dense {S}x{S} mask"}
             rows.append({"S": S, "layer": layer, "flops": 4 * D * visible_pairs(S, chunk) * hq, "bytes": set_bytes,
+                         "op_backend": registry.select("attention", *probe, chunk_size=chunk).name,
                          "ours": ours, "baselines": {"sdpa": base},
                          "_pending": (chunk, inputs, probe, reference)})
             _rates(rows[-1], ceilings)
@@ -302,13 +310,14 @@ def print_tables(prefill: list[dict], decode: list[dict], ceilings: dict, title:
     print(f"\n{title}; ceilings: {ceilings['hbm_tbps']:.2f} TB/s HBM copy, "
           f"{ceilings['matmul_tflops']:.0f} TFLOP/s {ceilings['matmul_dtype']} matmul")
     print("\nprefill (batch 1; TFLOP/s on visible (q, k) pairs; % of the measured matmul peak)")
-    print(_table(prefill, ["S", "layer"], [
+    print(_table(prefill, ["S", "layer", "op_backend"], [
         ("S", "S", ""), ("layer", "layer", ""),
         ("ours_us", "ours us", ".0f"), ("ours_tflops", "ours TFLOP/s", ".0f"),
         ("ours_pct_matmul_peak", "% peak", ".0f"),
         ("sdpa_us", "sdpa us", ".0f"), ("sdpa_tflops", "sdpa TFLOP/s", ".0f"),
         ("flex_us", "flex us", ".0f"), ("flex_tflops", "flex TFLOP/s", ".0f"),
-        ("sdpa_ours_speedup", "x vs sdpa", ".2f"), ("flex_ours_speedup", "x vs flex", ".2f")]))
+        ("sdpa_ours_speedup", "x vs sdpa", ".2f"), ("flex_ours_speedup", "x vs flex", ".2f"),
+        ("sdpa_backend", "sdpa ran", ""), ("op_backend", "ops.attention uses", "")]))
     print("\ndecode (1 new token per sequence; TB/s over K/V of the visible keys + q/out; % of the HBM roofline)")
     print(_table(decode, ["context", "batch", "layer"], [
         ("context", "context", ""), ("batch", "batch", ""), ("layer", "layer", ""),

@@ -182,4 +182,4 @@ def _load_builtin_backends():
     global _builtin_loaded
     if not _builtin_loaded:
         _builtin_loaded = True
-        from llama4_fast.backends import torch_ref, triton_ops  # noqa: F401 (registers on import)
+        from llama4_fast.backends import sdpa, torch_ref, triton_ops  # noqa: F401 (registers on import)
