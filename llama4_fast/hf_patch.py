@@ -305,7 +305,6 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     imaginary parts are the cos/sin tables), the L2 qk-norm, and the NoPE layers' temperature
     at transformers' positions. transformers runs these as about ten small ops per layer
     (complex multiplies, casts, the log/floor chain), which a decode step pays for in launches.
-    q and k are written straight into [B, H, S, D] memory, the layout the cache and attention take.
     The cache update and the attention interface are transformers' own calls; 5.x hands the
     cache as `cache`, 4.57 as `past_key_values` with `cache_position`."""
     B, S = hidden_states.shape[:2]
@@ -334,10 +333,7 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
             positions = torch.arange(past, past + S, device=q.device)
         prologue.update(positions=positions, temperature=(float(self.floor_scale), float(self.attn_scale)))
     if prologue:
-        q_out = q.new_empty(B, q.shape[2], S, D).transpose(1, 2)
-        k_out = k.new_empty(B, k.shape[2], S, D).transpose(1, 2) if "cos" in prologue or "qk_norm_eps" in prologue \
-            else None
-        q, k = ops.qk_prologue(q, k, q_out=q_out, k_out=k_out, **prologue)
+        q, k = ops.qk_prologue(q, k, **prologue)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
 
     if cache is not None:

@@ -134,10 +134,10 @@ def rms_norm(x, weight, eps):
 
 @registry.register("rope", "torch")
 def rope(x, cos, sin):
-    xf = x.float().unflatten(-1, (-1, 2))
-    even, odd = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).to(x.dtype)
+    # A pair (even, odd) times cos + i sin, as one complex multiply: two ops instead of eight.
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    turn = torch.complex(cos, sin)[:, :, None, :]
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
 @registry.register("qk_prologue", "torch")
