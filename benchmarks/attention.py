@@ -3,6 +3,7 @@ Llama 4 head shapes (40 query heads, 8 KV heads, head dim 128, bf16, batch 1 pre
 
     python benchmarks/attention.py            # H100: prefill 8k/32k/128k, decode 8k..1M (~2.5 min)
     python benchmarks/attention.py --quick    # CPU (Triton interpreter) or GPU: toy sizes
+    python benchmarks/attention.py --prefill 32768 --contexts 131072 --batches 1 --no-flex
 
 Prefill, per sequence length, for a chunked layer (C = 8192, Llama 4's RoPE layers) and a
 global causal layer (the NoPE layers):
@@ -335,10 +336,14 @@ def main(argv=None):
                         help="wall-clock budget after start-up; cases past it are skipped (default 110, "
                              "so the whole run fits 2.5 minutes)")
     parser.add_argument("--no-flex", action="store_true", help="skip the flex_attention baseline")
+    parser.add_argument("--prefill", type=int, nargs="+", help="prefill lengths (replace the preset's)")
+    parser.add_argument("--contexts", type=int, nargs="+", help="decode cache lengths (replace the preset's)")
+    parser.add_argument("--batches", type=int, nargs="+", help="decode batch sizes (replace the preset's)")
     args = parser.parse_args(argv)
 
     device = common.device()
-    cfg = (QUICK_GPU if device == "cuda" else QUICK_CPU) if args.quick or device == "cpu" else FULL
+    cfg = dict((QUICK_GPU if device == "cuda" else QUICK_CPU) if args.quick or device == "cpu" else FULL)
+    cfg.update({key: getattr(args, key) for key in ("prefill", "contexts", "batches") if getattr(args, key)})
     dtype = torch.bfloat16 if device == "cuda" else torch.float16  # the interpreter has no bf16 dot
     budget = common.Budget(args.budget_s)
     torch.manual_seed(0)
