@@ -144,6 +144,16 @@ def write_results(bench: str, payload: dict, out_dir: Path | None = None) -> Pat
     return path
 
 
+def rewrite_results(bench: str, payload: dict, previous: Path | None) -> Path:
+    """write_results for a run that saves after every finished part, so a run cut short by a
+    time limit still leaves them: the new file replaces `previous` (and its PNG)."""
+    path = write_results(bench, payload)
+    if previous is not None and previous != path:
+        previous.unlink(missing_ok=True)
+        previous.with_suffix(".png").unlink(missing_ok=True)
+    return path
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
     """rows: dicts; columns: (key, header, format spec). Missing values print as '-'."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"

@@ -371,7 +371,7 @@ def main(argv=None):
         parser.error("--new-tokens must be >= 2 (decode time is t(N) - t(1))")
     start = time.monotonic()
     ceilings = common.measure_ceilings(quick=args.quick)
-    results = []
+    results, path = [], None
     with torch.no_grad():
         for i, (name, text_config) in enumerate(models.items()):
             budget = common.Budget((args.budget_s - (time.monotonic() - start)) / (len(models) - i))
@@ -379,9 +379,9 @@ def main(argv=None):
             results.append(bench_model(name, text_config, args, dtype, device, ceilings, budget))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            path = common.rewrite_results("e2e", {"dtype": str(dtype), "ceilings": ceilings, "args": vars(args),
+                                                  "models": results}, path)
     print_tables(results, dtype)
-    path = common.write_results("e2e", {"dtype": str(dtype), "ceilings": ceilings, "args": vars(args),
-                                        "models": results})
     print(f"\nwrote {path}")
 
 

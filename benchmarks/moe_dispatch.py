@@ -42,7 +42,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device, markdown_table, measure_ceilings, roofline, rotating, time_us, write_results  # noqa: E402
+from common import device, markdown_table, measure_ceilings, rewrite_results, roofline, rotating, time_us  # noqa: E402
 
 from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import fused_moe, route  # noqa: E402
@@ -422,11 +422,8 @@ def main(argv=None):
             torch.cuda.empty_cache()
         # Written after every shape (replacing the previous file), so a run cut short by a
         # time limit still leaves its finished shapes.
-        new_path = write_results("moe_dispatch" if args.weights == "bf16" else f"moe_dispatch_{args.weights}", results)
-        if path is not None and path != new_path:
-            path.unlink(missing_ok=True)
-            path.with_suffix(".png").unlink(missing_ok=True)
-        path = new_path
+        path = rewrite_results("moe_dispatch" if args.weights == "bf16" else f"moe_dispatch_{args.weights}", results,
+                               path)
         plot(results, path.with_suffix(".png"))
     print(f"\nresults: {path}")
     return results

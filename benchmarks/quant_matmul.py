@@ -36,7 +36,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import L2_BYTES, Budget, device, markdown_table, measure_ceilings, roofline, rotating, time_us, write_results  # noqa: E402
+from common import L2_BYTES, Budget, device, markdown_table, measure_ceilings, rewrite_results, roofline, rotating, time_us  # noqa: E402
 
 from llama4_fast.kernels import quant_matmul  # noqa: E402
 from llama4_fast.quant import Fp8Weight, Int4Weight, quant_linear_ref, quantize_fp8_activations_ref  # noqa: E402
@@ -206,10 +206,7 @@ def main(argv=None):
         results["shapes"].append({"name": name, "K": K, "N": N, "rows": rows})
         print()
         print(markdown_table(rows, COLUMNS))
-        new_path = write_results("quant_matmul", results)  # after every shape: a cut-short run keeps its shapes
-        if path is not None and path != new_path:
-            path.unlink(missing_ok=True)
-        path = new_path
+        path = rewrite_results("quant_matmul", results, path)  # after every shape: a cut-short run keeps its shapes
         if dev == "cuda":
             torch.cuda.empty_cache()
     print(f"\nresults: {path}")
