@@ -7,7 +7,9 @@ one GPU), four ways side by side:
 - transformers patched by `llama4_fast.patch` (same model instance, patched in place)
 - the thin `llama4_fast.Llama4`, sharing the same weights (`Llama4.from_hf`), CUDA-graph decode,
   and with --weights fp8 / int4 also the thin model with its routed experts quantized by
-  `llama4_fast.quantize` (variants thin_fp8, thin_int4)
+  `llama4_fast.quantize` (variants thin_fp8, thin_int4); with --compile also the thin model's
+  forward under torch.compile(mode="reduce-overhead") instead of the explicit CUDA graph
+  (variant thin_compile: the alternative the decode loop was designed against)
 
 plus, per model, the GPU time of one decode step split into attention / MoE / dense FFN / rest
 (torch.profiler, module ranges), and the thin model's decode step against its roofline floor:
@@ -107,10 +109,12 @@ def variant(hf, name: str):
 
     if name.startswith("thin"):
         thin = llama4_fast.Llama4.from_hf(hf)
-        if name != "thin":  # thin_fp8 / thin_int4: the thin model's own experts, quantized
+        if name == "thin_compile":  # inductor fuses the small ops and captures its own graphs
+            thin.forward = torch.compile(thin.forward, mode="reduce-overhead")
+        elif name != "thin":  # thin_fp8 / thin_int4: the thin model's own experts, quantized
             llama4_fast.quantize(thin, name.removeprefix("thin_"))
         try:
-            yield _ThinGenerate(thin)
+            yield _ThinGenerate(thin, cuda_graph=False if name == "thin_compile" else None)
         finally:
             thin.clear_caches()
         return
@@ -127,15 +131,15 @@ def variant(hf, name: str):
 
 
 class _ThinGenerate:
-    """thin.generate(ids, n), remembering whether its decode steps replayed a CUDA graph."""
+    """thin.generate(ids, n), remembering whether its decode steps replayed our CUDA graph."""
 
-    def __init__(self, thin):
-        self.thin, self.cuda_graph = thin, None
+    def __init__(self, thin, cuda_graph: bool | None):
+        self.thin, self.use_graph, self.cuda_graph = thin, cuda_graph, None
 
     def __call__(self, ids, n):
-        out = self.thin.generate(ids, n)
+        out = self.thin.generate(ids, n, cuda_graph=self.use_graph)
         if n > 1:
-            self.cuda_graph = self.thin.decode_step(ids.shape[0]).graph is not None
+            self.cuda_graph = self.thin.decode_step(ids.shape[0], self.use_graph).graph is not None
         return out
 
 
@@ -285,7 +289,8 @@ def profile_decode_step(hf, cfg, args, device) -> dict:
 def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, budget) -> dict:
     import llama4_fast
 
-    variants = VARIANTS + tuple(f"thin_{w}" for w in args.weights if w != "bf16")
+    variants = VARIANTS + tuple(f"thin_{w}" for w in args.weights if w != "bf16") + (
+        ("thin_compile",) if args.compile else ())
     hf = build_hf_model(text_config, dtype, device)
     cfg = llama4_fast.Llama4Config.from_hf(hf.config)
     weights_gib = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**30
@@ -317,7 +322,7 @@ def bench_model(name: str, text_config: dict, args, dtype, device, ceilings, bud
             for v in variants[3:]:  # the thin model, bf16 and quantized: against its roofline floor
                 res = row.get(v, {})
                 if "decode_ms_per_token" in res:
-                    weights = "bf16" if v == "thin" else v.removeprefix("thin_")
+                    weights = v.removeprefix("thin_") if v.removeprefix("thin_") in EXPERT_BYTES else "bf16"
                     floor_bytes = decode_floor_bytes(cfg, batch, prompt + args.new_tokens // 2, EXPERT_BYTES[weights])
                     floor_s = floor_bytes / (ceilings["hbm_tbps"] * 1e12)
                     res["floor_ms_per_token"] = floor_s * 1e3
@@ -353,6 +358,8 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=600.0,
                         help="wall-clock budget, shared equally by the models; later cases are skipped")
     parser.add_argument("--no-split", dest="split", action="store_false", help="skip the profiler split")
+    parser.add_argument("--compile", action="store_true",
+                        help="add thin_compile: torch.compile(mode='reduce-overhead') instead of our CUDA graph")
     args = parser.parse_args(argv)
 
     from llama4_fast.tiny import TINY_TEXT_CONFIG

@@ -90,6 +90,25 @@ def test_thin_model_padded_batch_on_triton():
         assert torch.equal(g, r)
 
 
+@torch.no_grad()
+def test_thin_decode_step_traces_as_one_graph():
+    """torch.compile sees a whole decode step (device position, kv_len over the static caches,
+    the Triton custom ops) as one graph: nothing in it reads a tensor back to the host, which
+    is also what lets the step be captured in a CUDA graph."""
+    model = Llama4.from_hf(tiny_hf_model(seed=25, device=DEVICE, **NARROW))
+    ids = torch.randint(3, 1024, (2, 9), device=DEVICE)
+    model.setup_caches(2, 16)
+    model.prefill(ids)
+    step = model.decode_step(2, cuda_graph=False)
+    ref = step(ids[:, -1], 9).clone()
+    torch._dynamo.reset()
+    compiled = torch.compile(step._run, backend="eager", fullgraph=True)  # raises on a graph break
+    with registry.record() as calls:
+        got = compiled()  # the same inputs, still in the step's buffers
+    assert calls[("attention", "triton")] == 4
+    torch.testing.assert_close(got, ref)
+
+
 @pytest.mark.gpu
 def test_ops_inside_torch_compile_and_cuda_graphs():
     T, E, H, I = 8, 16, 256, 128
