@@ -54,7 +54,7 @@ import triton.language as tl
 
 from . import checks
 from .device import sm_count
-from .tiling import grouped_tile
+from .tiling import COMBINE_BLOCK_N, combine_splits_kernel, grouped_tile
 from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
 from .quant_matmul import format_code, quant_weight_args, quantize_fp8_activations
 from .routing import dispatch_metadata
@@ -63,7 +63,6 @@ CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "moe_h100.json"
 # Split K at most this many ways, keeping at least this many K steps per split.
 _MAX_SPLIT_K = 8
 _MIN_K_TILES_PER_SPLIT = 4
-_COMBINE_BLOCK_N = 1024
 # Up to this many (token, slot) pairs, fused_moe skips the dispatch metadata: one row block of
 # up to 64 rows holds every pair, and each GEMM program indexes its expert directly.
 DIRECT_MAX_PAIRS = 64
@@ -192,35 +191,6 @@ def _moe_gemm_kernel(
             tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=c_mask)
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _combine_kernel(partial_ptr, out_ptr, stride_om, stride_on, N, split_stride, num_splits,
-                    ROWS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Finish a GEMM that stored fp32 partials (contiguous [num_splits, R * ROWS, width]),
-    summing in a fixed order (deterministic), and write out [R, N] in out's dtype:
-    SWIGLU=False (down GEMM, width N): out[r] = sum over splits and the ROWS = top_k rows of r.
-    SWIGLU=True (split gate_up GEMM, width 2N, ROWS = 1): out[r] = silu(g) * u, where g and u
-    are the split sums of columns [:N] and [N:]."""
-    r = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = offs < N
-    if SWIGLU:
-        width = 2 * N
-    else:
-        width = N
-    ptrs = partial_ptr + r * ROWS * width + offs
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for _ in range(num_splits):
-        for j in tl.static_range(ROWS):
-            acc += tl.load(ptrs + j * width, mask=mask, other=0.0)
-        if SWIGLU:
-            up += tl.load(ptrs + N, mask=mask, other=0.0)
-        ptrs += split_stride
-    if SWIGLU:
-        acc = acc * tl.sigmoid(acc) * up
-    tl.store(out_ptr + r * stride_om + offs * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,9 +514,9 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
         BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
         num_warps=g.num_warps, num_stages=g.num_stages, **common, **f1)
     if g.split_k > 1:
-        _combine_kernel[(P, triton.cdiv(I, _COMBINE_BLOCK_N))](
+        combine_splits_kernel[(P, triton.cdiv(I, COMBINE_BLOCK_N))](
             y1, h, h.stride(0), h.stride(1), I, y1.stride(0), g.split_k,
-            ROWS=1, SWIGLU=True, BLOCK_N=_COMBINE_BLOCK_N, num_warps=4)
+            ROWS=1, SWIGLU=True, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
 
     # down: h [P, I] @ w2[e] -> out[token] (top-1), or fp32 partials [S2, P, H] + combine
     d = cfg.down
@@ -563,7 +533,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
         BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
         num_warps=d.num_warps, num_stages=d.num_stages, **common, **f2)
     if partial:
-        _combine_kernel[(T, triton.cdiv(H, _COMBINE_BLOCK_N))](
+        combine_splits_kernel[(T, triton.cdiv(H, COMBINE_BLOCK_N))](
             y2, out, out.stride(0), out.stride(1), H, y2.stride(0), d.split_k,
-            ROWS=top_k, SWIGLU=False, BLOCK_N=_COMBINE_BLOCK_N, num_warps=4)
+            ROWS=top_k, SWIGLU=False, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
     return out

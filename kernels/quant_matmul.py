@@ -4,7 +4,8 @@ One kernel, two launch modes chosen per call from M:
 - decode (M <= 16): BLOCK_M = 16 and K split across programs when the column tiles alone
   cannot keep every SM streaming weights (N = 1024 at TP8: 16 tiles of 64 for 132 SMs).
   Each split stores an fp32 partial (its scales already applied: they are linear), and one
-  sum over the splits finishes it in a fixed order (deterministic).
+  combine launch (shared with the grouped GEMM) sums the splits in a fixed order
+  (deterministic) and casts.
 - prefill (M > 16): 64 or 128-row tiles, grouped tile order so resident programs share
   weight column blocks, no split.
 Decode is bound by the weight bytes (FP8: 1 byte per weight, INT4: ~0.5), which is the whole
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from . import checks
 from .device import sm_count
-from .tiling import grouped_tile
+from .tiling import COMBINE_BLOCK_N, combine_splits_kernel, grouped_tile
 from .dequant import (FORMATS, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_MAX, INT4_ASYM, INT4_SYM, dequant_dot,
                       fp8_quantize_rows_kernel, rowwise_epilogue)
 
@@ -230,8 +231,10 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         WEIGHT_FORMAT=code, GROUP_K=group_size if is_int4 else FP8_BLOCK_SIZE.value, DOT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages)
-    if split > 1:
-        out.copy_(dest.sum(dim=0))
+    if split > 1:  # one launch sums the splits in a fixed order and casts (deterministic)
+        combine_splits_kernel[(M, triton.cdiv(N, COMBINE_BLOCK_N))](
+            dest, out, out.stride(0), out.stride(1), N, dest.stride(0), split,
+            ROWS=1, SWIGLU=False, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
     return out
 
 

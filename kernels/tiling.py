@@ -1,4 +1,5 @@
-"""Which output tile a GEMM program computes: the grouped ("super-row") order both GEMMs use."""
+"""Shared by the GEMMs (kernels/moe.py, kernels/quant_matmul.py): which output tile a program
+computes (the grouped, "super-row" order), and the kernel that finishes a split-K GEMM."""
 
 import triton
 import triton.language as tl
@@ -15,3 +16,35 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
     return pid_m, pid_n
+
+
+COMBINE_BLOCK_N = 1024  # columns per combine program
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def combine_splits_kernel(partial_ptr, out_ptr, stride_om, stride_on, N, split_stride, num_splits,
+                          ROWS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Finish a GEMM that stored fp32 partials (contiguous [num_splits, R * ROWS, width]),
+    summing in a fixed order (deterministic), and write out [R, N] in out's dtype:
+    SWIGLU=False (down GEMM, width N): out[r] = sum over splits and the ROWS = top_k rows of r.
+    SWIGLU=True (split gate_up GEMM, width 2N, ROWS = 1): out[r] = silu(g) * u, where g and u
+    are the split sums of columns [:N] and [N:]."""
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    if SWIGLU:
+        width = 2 * N
+    else:
+        width = N
+    ptrs = partial_ptr + r * ROWS * width + offs
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for _ in range(num_splits):
+        for j in tl.static_range(ROWS):
+            acc += tl.load(ptrs + j * width, mask=mask, other=0.0)
+        if SWIGLU:
+            up += tl.load(ptrs + N, mask=mask, other=0.0)
+        ptrs += split_stride
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * up
+    tl.store(out_ptr + r * stride_om + offs * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
