@@ -27,6 +27,7 @@ CASES = {
     "E1_top1": dict(num_local_experts=1, num_experts_per_tok=1),
     "maverick_like_interleaved_dense_top2": dict(num_local_experts=16, num_experts_per_tok=2,
                                                  interleave_moe_layer_step=2, use_qk_norm=False),
+    "no_temperature_tuning_head_dim_64": dict(attn_temperature_tuning=False, head_dim=64),
 }
 
 
@@ -57,8 +58,12 @@ def test_patched_equals_unpatched(case):
     moe_layers = len(model.config.moe_layers)
     assert sum(n for (op, _), n in calls.items() if op == "fused_moe") == moe_layers * 41
     assert sum(n for (op, _), n in calls.items() if op == "attention") == 4 * 41
-    # every layer's RoPE / qk-norm / temperature in one prologue call
-    assert sum(n for (op, _), n in calls.items() if op == "qk_prologue") == 4 * 41
+    # every layer's RoPE / qk-norm / temperature in one prologue call (NoPE layers without
+    # temperature tuning have nothing to do)
+    cfg = model.config
+    busy = sum(1 for use_rope in cfg.no_rope_layers if use_rope or cfg.attn_temperature_tuning)
+    assert busy < 4 if not cfg.attn_temperature_tuning else busy == 4
+    assert sum(n for (op, _), n in calls.items() if op == "qk_prologue") == busy * 41
 
 
 @torch.no_grad()
