@@ -330,7 +330,7 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
             positions = cache_position
         else:  # transformers 5.x: the same count of past tokens for every sequence
             past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-            positions = torch.arange(past, past + S, device=q.device)
+            positions = torch.arange(S, device=q.device) + past  # past may be traced: fixed size S
         prologue.update(positions=positions, temperature=(float(self.floor_scale), float(self.attn_scale)))
     if prologue:
         q, k = ops.qk_prologue(q, k, **prologue)

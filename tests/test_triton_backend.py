@@ -62,6 +62,27 @@ def test_patched_model_static_cache_on_triton():
 
 
 @torch.no_grad()
+def test_patched_model_compiles_as_whole_graphs():
+    """transformers' recipe for fast decode, a static cache and a compiled forward, on the
+    patched model: every forward traces without a graph break (fullgraph=True raises on one),
+    left padding included, and the tokens match the unpatched model."""
+    model = tiny_hf_model(seed=26, device=DEVICE, **NARROW)
+    ids = torch.randint(3, 1024, (2, 11), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                  cache_implementation="static")
+    ref = model.generate(ids, **kwargs)
+    llama4_fast.patch(model)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager", fullgraph=True)
+    with registry.record() as calls:
+        got = model.generate(ids, **kwargs)
+    assert calls[("qk_prologue", "triton")] and calls[("fused_moe", "triton")]
+    assert torch.equal(got, ref)
+
+
+@torch.no_grad()
 def test_thin_model_cached_decode_on_triton():
     model = Llama4.from_hf(tiny_hf_model(seed=22, device=DEVICE, **NARROW))
     ids = torch.randint(3, 1024, (1, 13), device=DEVICE)
