@@ -19,7 +19,9 @@ INT4_ASYM    W = (u - z[k // G, n]) * s[k // G, n] with integer zero points z ui
 
 INT4 K steps stay inside one group (BLOCK_K divides G), so the nibbles become exact small
 integers in the activation dtype and the group scale multiplies the step's fp32 product: one
-multiply per output element per step instead of one per weight. Nibble -> float uses the
+multiply per output element per step instead of one per weight. A step reads its packed bytes
+once and takes the low and high nibble planes against the even and odd activation columns (two
+dots of depth BLOCK_K / 2 >= 16, hence G >= 32). Nibble -> float uses the
 exponent trick: OR-ing u into the mantissa of 1024.0 (fp16), 128.0 (bf16) or 2^23 (fp32) gives
 MAGIC + u exactly, and one subtraction of MAGIC + zero finishes it, no integer->float convert.
 
@@ -84,18 +86,24 @@ def dequant_dot(acc, a, a_group_scale,
         part = tl.dot(a, w, max_num_imprecise_acc=BLOCK_K)
         acc += part * a_group_scale[:, None] * s[None, :]
     else:
-        # Packed bytes: row k // 2 of the packed matrix; each byte is read for both its rows
-        # (the second read hits L1), the shift picks the nibble.
-        packed = tl.load(w_ptr + (kk // 2)[:, None] * stride_wk + cols[None, :] * stride_wn, mask=mask, other=0)
-        u = (packed >> ((kk % 2) * 4).to(tl.uint8)[:, None]) & 0xF
+        # Each packed byte is loaded once: [BLOCK_K / 2, BLOCK_N] bytes whose low nibbles are
+        # the even rows k of the step and high nibbles the odd ones. The two nibble planes
+        # multiply the even and the odd columns of the activation tile: two dots of half the
+        # depth, the same work as one, without moving any weight between rows.
+        jj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(w_ptr + jj[:, None] * stride_wk + cols[None, :] * stride_wn,
+                         mask=(jj < K // 2)[:, None] & col_mask[None, :], other=0)
+        a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
         group = k0 // GROUP_K  # BLOCK_K divides GROUP_K: the whole step is one group
         if WEIGHT_FORMAT == INT4_ASYM:
             zero = tl.load(z_ptr + group * stride_zk + cols * stride_zn, mask=col_mask, other=0).to(tl.int32)
         else:
             zero = tl.full(cols.shape, 8, tl.int32)
-        w = _nibble_values(u, zero[None, :], a.dtype)
+        part = tl.dot(a_even, _nibble_values(packed & 0xF, zero[None, :], a.dtype), input_precision=DOT_PRECISION)
+        part = tl.dot(a_odd, _nibble_values(packed >> 4, zero[None, :], a.dtype), part,
+                      input_precision=DOT_PRECISION)
         s = tl.load(s_ptr + group * stride_sk + cols * stride_sn, mask=col_mask, other=0.0).to(tl.float32)
-        acc += tl.dot(a, w, input_precision=DOT_PRECISION) * s[None, :]
+        acc += part * s[None, :]
     return acc
 
 

@@ -461,8 +461,10 @@ def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_
         return select_config(T, top_k, E, H, two_i // 2, hidden_states.dtype,
                              num_sms=_num_sms(dev), use_table=_use_table(dev))
     cfg = select_config(T, top_k, E, H, two_i // 2, hidden_states.dtype, num_sms=_num_sms(dev), use_table=False)
-    return replace(cfg, gate_up=replace(cfg.gate_up, block_k=min(cfg.gate_up.block_k, quant.group_k)),
-                   down=replace(cfg.down, block_k=min(cfg.down.block_k, quant.group_k)))
+    # K steps inside one scale group; INT4 steps at least 32 deep (two nibble-plane dots of 16)
+    least = 32 if quant.code in (INT4_SYM.value, INT4_ASYM.value) else 16
+    return replace(cfg, gate_up=replace(cfg.gate_up, block_k=max(least, min(cfg.gate_up.block_k, quant.group_k))),
+                   down=replace(cfg.down, block_k=max(least, min(cfg.down.block_k, quant.group_k))))
 
 
 def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig,

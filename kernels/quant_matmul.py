@@ -134,9 +134,9 @@ def quant_weight_args(name: str, code: int, qweight, scale, zero, group_size, K:
         checks.tensor(name, qweight, dtypes=(torch.uint8,))
         if K % 2:
             raise ValueError(f"{name}: int4 packs two K rows per byte, so K must be even, got K={K}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 16 \
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 32 \
                 or group_size & (group_size - 1):
-            raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
+            raise ValueError(f"group_size must be a power of two >= 32, got {group_size!r}")
         if K % group_size:
             raise ValueError(f"{name}: K={K} must be a multiple of group_size={group_size}")
         want = lead + (K // 2, N)
@@ -188,7 +188,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
                 [cdiv(K, 128), cdiv(N, 128)]; int4: [K / group_size, N] any float dtype.
     zero:       int4 only: None (symmetric, W = (u - 8) * s) or uint8 [K / group_size, N]
                 (asymmetric, W = (u - z) * s).
-    group_size: int4 group along K (power of two >= 16 dividing K).
+    group_size: int4 group along K (power of two >= 32 dividing K).
     act_scale_ub: FP8 only: upper bound on a token's activation amax (fbgemm_fp8: 1200).
     out:        optional [M, N] tensor in x's dtype (every element is written).
 

@@ -181,7 +181,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, *, shared_exp
              dense_ffn: bool = False, attention: bool = False, act_scale_ub: float | None = None) -> nn.Module:
     """Quantize `model` in place and return it (see the module docstring for schemes and modules).
 
-    group_size: INT4 rows of K per scale (power of two >= 16 dividing every K).
+    group_size: INT4 rows of K per scale (power of two >= 32 dividing every K).
     act_scale_ub: FP8 only, upper bound on a token's activation amax (fbgemm_fp8 uses 1200).
     """
     if scheme not in SCHEMES:

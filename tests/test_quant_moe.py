@@ -16,7 +16,7 @@ from llama4_fast.kernels.moe import GemmConfig, MoeConfig
 from llama4_fast.quant import Fp8Weight, Int4Weight, effective_activations, expert_kernel_args
 
 FORMATS = [("fp8", "channel"), ("fp8", "tensor"), ("fp8", "block"), ("int4", True), ("int4", False)]
-GROUP = 16
+GROUP = 32
 
 
 def quantize_experts(kind, option, w):
@@ -63,7 +63,7 @@ def run(x, w13, w2, weights, ids, on_input=True):
 @pytest.mark.parametrize("kind,option", FORMATS)
 @pytest.mark.parametrize("T,E,top_k", [(1, 4, 1), (5, 3, 2), (70, 8, 1)])
 def test_quantized_experts_match_float64(device, kind, option, T, E, top_k):
-    x, w13, w2, weights, ids = make_inputs(T, E, 64, 48, top_k, kind, option, device=device)
+    x, w13, w2, weights, ids = make_inputs(T, E, 64, 96, top_k, kind, option, device=device)
     assert_close(run(x, w13, w2, weights, ids), moe64(x, w13, w2, weights, ids), tol=1e-2)
 
 
@@ -116,7 +116,7 @@ def test_rejects_mismatched_or_malformed_experts():
         ops.fused_moe(x, w13, w2, weights, ids + 4)
     kw = expert_kernel_args(w13, w2)
     with pytest.raises(ValueError, match="down_proj scale"):
-        fused_moe(x, w13.packed, w2.packed, weights, ids, **dict(kw, down_scale=kw["down_scale"][:, :1]))
+        fused_moe(x, w13.packed, w2.packed, weights, ids, **dict(kw, down_scale=kw["down_scale"][..., :1]))
     with pytest.raises(ValueError, match="both be given"):
         fused_moe(x, w13.packed, w2.packed, weights, ids, **dict(kw, down_zero=None))
 
