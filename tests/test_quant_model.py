@@ -150,5 +150,8 @@ def test_bad_arguments():
         llama4_fast.quantize(model, "int4", act_scale_ub=1200.0)
     with pytest.raises(ValueError, match="multiple of group_size"):
         llama4_fast.quantize(model, "int4", group_size=128)  # I = 192
+    for bad in (16, 96):  # the kernels' INT4 steps are powers of two of at least 32 rows
+        with pytest.raises(ValueError, match="power of two >= 32"):
+            llama4_fast.quantize(model, "int4_asym", group_size=bad)
     with pytest.raises(TypeError, match="Llama 4"):
         llama4_fast.quantize(torch.nn.Linear(4, 4), "fp8")
