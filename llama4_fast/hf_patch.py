@@ -312,12 +312,9 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     q = self.q_proj(hidden_states).view(B, S, -1, D)
     k = self.k_proj(hidden_states).view(B, S, -1, D)
     v = self.v_proj(hidden_states).view(B, S, -1, D).transpose(1, 2)
-    if "cache" in kwargs:  # transformers 5.x
-        cache = kwargs.pop("cache")
-        cache_position = None
-    else:  # 4.57
-        cache = kwargs.pop("past_key_values", None)
-        cache_position = kwargs.pop("cache_position", None)
+    new_api = "cache" in kwargs  # transformers 5.x; 4.57 passes past_key_values and cache_position
+    cache = kwargs.pop("cache") if new_api else kwargs.pop("past_key_values", None)
+    cache_position = None if new_api else kwargs.pop("cache_position", None)
 
     prologue = {}
     if self.use_rope:
@@ -326,18 +323,18 @@ def _attention_forward(self, hidden_states, position_embeddings, attention_mask,
     if hasattr(self, "qk_norm"):  # transformers builds it only for use_qk_norm on RoPE layers
         prologue["qk_norm_eps"] = self.qk_norm.eps
     if self.attn_temperature_tuning and not self.use_rope:
-        if cache_position is not None:
-            positions = cache_position
-        else:  # transformers 5.x: the same count of past tokens for every sequence
+        if new_api:  # the same count of past tokens for every sequence
             past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
             positions = torch.arange(S, device=q.device) + past  # past may be traced: fixed size S
+        else:
+            positions = cache_position
         prologue.update(positions=positions, temperature=(float(self.floor_scale), float(self.attn_scale)))
     if prologue:
         q, k = ops.qk_prologue(q, k, **prologue)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
 
     if cache is not None:
-        if cache_position is None:
+        if new_api:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         else:
             k, v = cache.update(k, v, self.layer_idx, {"cache_position": cache_position})
