@@ -35,6 +35,22 @@ def test_quick_suite_writes_results(tmp_path):
     assert "=== done, status 0" in (tmp_path / "out" / "gpu_suite.log").read_text()
 
 
+def test_default_plan_runs_every_benchmark_within_one_lease():
+    """The default GPU run (one device call): every benchmark and the GPU tests, the unmeasured
+    ones first, under a suite deadline that keeps the call within 8 minutes; named steps run
+    at full size without it."""
+    run = subprocess.run(["bash", str(SUITE), "--plan"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    head, *lines = run.stdout.strip().splitlines()
+    assert "suite deadline 470 s" in head and 470 < 8 * 60
+    steps = [line.split()[0] for line in lines]
+    assert steps == ["install", "gpu-info", "e2e", "quant_matmul", "moe_fp8", "moe_int4", "attention", "qk_prologue",
+                     "moe_dispatch", "hf_patch", "scaling", "gpu-tests"]
+    named = subprocess.run(["bash", str(SUITE), "--plan", "attention"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60).stdout
+    assert "deadline" not in named and "attention 115s: " in named and "--prefill" not in named
+
+
 def test_suite_runs_only_the_named_steps(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, LLAMA4_FAST_RESULTS=str(tmp_path / "results"), OUT=str(tmp_path / "out"),
                CUDA_VISIBLE_DEVICES="")
