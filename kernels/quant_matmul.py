@@ -125,6 +125,14 @@ def format_code(fmt: str, zero) -> int:
     return FORMATS[fmt]
 
 
+def int4_group_size_args(group_size):
+    """The INT4 groups the kernels run: powers of two of at least 32 rows of K (a K step lies in
+    one group and splits into two nibble-plane dots of at least 16)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 32 \
+            or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 32, got {group_size!r}")
+
+
 def quant_weight_args(name: str, code: int, qweight, scale, zero, group_size, K: int, N: int, lead=()):
     """Check a quantized weight whose logical shape is [*lead, K, N] (see dequant.py). Returns
     the scale viewed with explicit K-group and N dimensions ([*lead, groups_k, groups_n];
@@ -134,9 +142,7 @@ def quant_weight_args(name: str, code: int, qweight, scale, zero, group_size, K:
         checks.tensor(name, qweight, dtypes=(torch.uint8,))
         if K % 2:
             raise ValueError(f"{name}: int4 packs two K rows per byte, so K must be even, got K={K}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 32 \
-                or group_size & (group_size - 1):
-            raise ValueError(f"group_size must be a power of two >= 32, got {group_size!r}")
+        int4_group_size_args(group_size)
         if K % group_size:
             raise ValueError(f"{name}: K={K} must be a multiple of group_size={group_size}")
         want = lead + (K // 2, N)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from llama4_fast.kernels.quant_matmul import int4_group_size_args
 from llama4_fast.quant import Fp8Weight, Int4Weight
 
 SCHEMES = ("fp8", "fp8_tensor", "fp8_block", "int4", "int4_asym")
@@ -188,9 +189,8 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, *, shared_exp
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if act_scale_ub is not None and not scheme.startswith("fp8"):
         raise ValueError("act_scale_ub applies to the fp8 schemes only")
-    if scheme.startswith("int4") and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                      or group_size < 32 or group_size & (group_size - 1)):
-        raise ValueError(f"group_size must be a power of two >= 32 for the int4 schemes, got {group_size!r}")
+    if scheme.startswith("int4"):
+        int4_group_size_args(group_size)  # before any module is touched
     model = _text_model(model)
     wanted = {"shared_expert": shared_expert, "dense_ffn": dense_ffn, "attention": attention}
     targets = []
