@@ -7,8 +7,6 @@ time is the kernel's. On CPU: the same calls at toy sizes under the Triton inter
 The script stays the way to get the full tables, rooflines and baselines.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -26,38 +24,21 @@ PREFILL_S = 8192 if HAS_CUDA else 96
 DECODE = [(32768, 1), (8192, 16)] if HAS_CUDA else [(1024, 1), (160, 2)]
 
 
-def _run(benchmark, fn):
-    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET could be set")
-
-    def call():
-        out = fn()
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    call()  # compile outside the measurement
-    if HAS_CUDA:
-        benchmark(call)
-    else:  # the interpreter takes ~0.1 s a call: a few rounds are enough
-        benchmark.pedantic(call, rounds=3, iterations=1)
-
-
 @pytest.mark.parametrize("chunk", [CHUNK, None], ids=["chunked", "global"])
-def test_prefill(benchmark, chunk):
+def test_prefill(benchmark, timed, chunk):
     q = torch.randn(1, HQ, PREFILL_S, D, dtype=DTYPE, device=DEVICE)
     k = torch.randn(1, HKV, PREFILL_S, D, dtype=DTYPE, device=DEVICE)
     v = torch.randn(1, HKV, PREFILL_S, D, dtype=DTYPE, device=DEVICE)
     tflop = 4 * D * bench.visible_pairs(PREFILL_S, chunk) * HQ / 1e12
     benchmark.extra_info.update(S=PREFILL_S, chunk=chunk, tflop=tflop)
-    _run(benchmark, lambda: bench.chunked_attention(q, k, v, chunk_size=chunk))
+    timed(lambda: bench.chunked_attention(q, k, v, chunk_size=chunk))
 
 
 @pytest.mark.parametrize("context,batch", DECODE, ids=[f"ctx{c}-b{b}" for c, b in DECODE])
 @pytest.mark.parametrize("chunk", [CHUNK, None], ids=["chunked", "global"])
-def test_decode(benchmark, context, batch, chunk):
+def test_decode(benchmark, timed, context, batch, chunk):
     q = torch.randn(batch, HQ, 1, D, dtype=DTYPE, device=DEVICE)
     k = torch.randn(batch, HKV, context, D, dtype=DTYPE, device=DEVICE)
     v = torch.randn(batch, HKV, context, D, dtype=DTYPE, device=DEVICE)
     benchmark.extra_info.update(context=context, batch=batch, chunk=chunk)
-    _run(benchmark, lambda: bench.chunked_attention(q, k, v, chunk_size=chunk))
+    timed(lambda: bench.chunked_attention(q, k, v, chunk_size=chunk))

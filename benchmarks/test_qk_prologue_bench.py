@@ -6,8 +6,6 @@ batch-16 decode, each call synchronised; CPU: the same calls at toy sizes under 
 interpreter. The script stays the way to get the tables with attention side by side.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -27,9 +25,7 @@ CASES = [(1, 8192), (16, 1)] if HAS_CUDA else [(1, 40), (2, 1)]
 @pytest.mark.parametrize("impl", ["torch_chain", "fused"])
 @pytest.mark.parametrize("layer", bench.LAYERS)
 @pytest.mark.parametrize("batch,seq", CASES, ids=[f"B{b}-S{s}" for b, s in CASES])
-def test_qk_prologue(benchmark, batch, seq, layer, impl):
-    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET could be set")
+def test_qk_prologue(benchmark, timed, batch, seq, layer, impl):
     qk = torch.randn(batch, seq, (HQ + HKV) * D, dtype=DTYPE, device=DEVICE)
     q, k = qk[..., :HQ * D].unflatten(-1, (HQ, D)), qk[..., HQ * D:].unflatten(-1, (HKV, D))
     positions = torch.arange(CFG["context"] - seq, CFG["context"], device=DEVICE) if seq == 1 else \
@@ -37,15 +33,4 @@ def test_qk_prologue(benchmark, batch, seq, layer, impl):
     cos, sin = bench.rope_tables(positions, D)
     fn = getattr(bench, impl)
     benchmark.extra_info.update(batch=batch, seq=seq, layer=layer)
-
-    def call():
-        out = fn(layer, q, k, cos, sin, positions)
-        if HAS_CUDA:
-            torch.cuda.synchronize()
-        return out
-
-    call()  # compile outside the measurement
-    if HAS_CUDA:
-        benchmark(call)
-    else:  # the interpreter takes ~0.1 s a call: a few rounds are enough
-        benchmark.pedantic(call, rounds=3, iterations=1)
+    timed(lambda: fn(layer, q, k, cos, sin, positions))
