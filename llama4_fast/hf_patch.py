@@ -219,7 +219,6 @@ class MaskLayout:
     kv_len: torch.Tensor | None = None
 
 
-
 def _fallback(reason: str, **mask_kwargs):
     if reason not in _warned:
         _warned.add(reason)
