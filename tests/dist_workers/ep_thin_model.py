@@ -22,6 +22,7 @@ from llama4_fast import registry
 from llama4_fast.model import Llama4
 from llama4_fast.parallel import ExpertParallelMoE, shard_experts
 from llama4_fast.tiny import tiny_hf_model
+from teardown import end_process
 
 SMALL = dict(hidden_size=128, intermediate_size=192, intermediate_size_mlp=256, attention_chunk_size=16)
 
@@ -111,7 +112,7 @@ def main(mode):
         else:
             raise ValueError(f"unknown mode {mode!r}")
     print(f"rank {rank} OK {mode}", flush=True)
-    dist.destroy_process_group()
+    end_process()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import llama4_fast
 from llama4_fast import registry
+from teardown import end_process
 
 
 def main(model_dir):
@@ -51,6 +52,7 @@ def main(model_dir):
     assert calls[("fused_moe", "torch")] == n_moe * 15, calls  # 1 forward + 14 decode steps, every MoE layer
     assert calls[("attention", "torch")] == model.config.num_hidden_layers * 15, calls
     print(f"rank {rank} OK max|diff| {diff:.2e}", flush=True)
+    end_process()
 
 
 if __name__ == "__main__":
