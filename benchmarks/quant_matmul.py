@@ -9,6 +9,8 @@ side by side in one run:
   ours_fp8    llama4_fast.kernels.quant_matmul, fp8_rowwise (activation quantization kernel
               included)
   ours_int4   the same kernel, INT4 symmetric, group 128 (weight-only)
+  fp8 act-quant  the activation quantization alone (quantize_fp8_activations, per token): the
+              share of ours_fp8 that a per-token amax inside the GEMM would save at small M
 The roofline counts the bytes that must move (weight in its format with its scales, x, y) and
 2MKN FLOPs against the measured copy bandwidth and bf16 matmul peak (FP8 rows also against the
 measured FP8 peak when _scaled_mm runs here). Each method's answer is checked against the
@@ -38,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import L2_BYTES, Budget, device, markdown_table, measure_ceilings, rewrite_results, roofline, rotating, time_us  # noqa: E402
 
-from llama4_fast.kernels import quant_matmul  # noqa: E402
+from llama4_fast.kernels import quant_matmul, quantize_fp8_activations  # noqa: E402
 from llama4_fast.quant import Fp8Weight, Int4Weight, quant_linear_ref, quantize_fp8_activations_ref  # noqa: E402
 
 SHAPES = {"5120x8192": (5120, 8192), "8192x5120": (8192, 5120), "5120x1024": (5120, 1024), "1024x5120": (1024, 5120)}
@@ -151,6 +153,10 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
             if method in ("scaled_mm", "ours_fp8") and ceilings.get("fp8_matmul_tflops"):
                 fp8_ceilings = dict(ceilings, matmul_tflops=ceilings["fp8_matmul_tflops"])
                 row[f"{method}_pct_roofline"] = roofline(t, bytes_moved, row["flops"], fp8_ceilings)["pct_roofline"]
+        if "ours_fp8_us" in row and not budget.exhausted():  # same inputs, timed the same way
+            row["fp8_act_quant_us"] = time_us(lambda: quantize_fp8_activations(nxt()[0]), warmup_ms=WARMUP_MS,
+                                              rep_ms=REP_MS)
+            row["fp8_act_quant_share"] = row["fp8_act_quant_us"] / row["ours_fp8_us"]
         for method in METHODS[1:]:
             if f"{method}_us" in row and "bf16_us" in row:
                 row[f"{method}_speedup_vs_bf16"] = row["bf16_us"] / row[f"{method}_us"]
@@ -168,7 +174,8 @@ COLUMNS = [
     ("ours_int4_pct_roofline", "int4 % roof", ".0f"), ("ours_fp8_tbps", "fp8 TB/s", ".2f"),
     ("ours_int4_tbps", "int4 TB/s", ".2f"), ("ours_fp8_speedup_vs_bf16", "fp8 x bf16", ".2f"),
     ("ours_int4_speedup_vs_bf16", "int4 x bf16", ".2f"), ("scaled_mm_speedup_vs_bf16", "scaled_mm x bf16", ".2f"),
-    ("ours_fp8_vs_scaled_mm", "fp8 x scaled_mm", ".2f"), ("ours_fp8_rel_err", "fp8 err", ".1e"),
+    ("ours_fp8_vs_scaled_mm", "fp8 x scaled_mm", ".2f"), ("fp8_act_quant_us", "fp8 act-quant us", ".1f"),
+    ("fp8_act_quant_share", "act-quant share", ".0%"), ("ours_fp8_rel_err", "fp8 err", ".1e"),
     ("ours_int4_rel_err", "int4 err", ".1e"),
 ]
 
