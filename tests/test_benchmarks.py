@@ -32,6 +32,8 @@ def test_quick_suite_writes_results(tmp_path):
         if bench.startswith("moe_dispatch_"):  # ours on quantized experts vs the torch reference on the same
             row = payload["shapes"][0]["rows"][0]
             assert payload["weights"] == bench.split("_")[-1] and row["rel_err_vs_loop"] < 1e-2
+        if bench == "quant_matmul":  # the FP8 activation quantization is also timed on its own
+            assert all(row["fp8_act_quant_us"] > 0 for row in payload["shapes"][0]["rows"])
     assert "=== done, status 0" in (tmp_path / "out" / "gpu_suite.log").read_text()
 
 
