@@ -422,7 +422,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
     Hkv, Skv = k.shape[1], k.shape[2]
     if not supports_head_dim(D):
         raise ValueError(f"head dim D={D} is not supported (1 <= D <= 256)")
-    checks.kernel_device("q", q, "chunked_attention", "its bf16 tl.dot multiplies raw bits, triton issue 11584")
+    checks.kernel_device("q", q, "chunked_attention", checks.INTERPRETER_BF16_DOT)
     # Positions and key indices are int32 in the kernel. A CUDA kv_start tensor is not read back
     # (no host sync): its values are the caller's to keep within range.
     if isinstance(kv_start, int):

@@ -8,6 +8,7 @@ on CUDA the kernels skip out-of-range ids instead, so decode stays free of host 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -88,6 +89,8 @@ def routing_args(hidden_states, topk_weights, topk_ids, num_experts: int):
                          f"must both be [T={T}, top_k]")
     if topk_ids.shape[1] > E:
         raise ValueError(f"top_k={topk_ids.shape[1]} exceeds the number of experts E={E}")
+    if topk_ids.shape[1] == 0:
+        raise ValueError(f"topk_ids must have at least one column (top_k >= 1), got {tuple(topk_ids.shape)}")
     # Data-dependent, so skipped while torch.compile traces (and on CUDA: no host sync).
     if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
@@ -203,22 +206,47 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def kernel_device(name: str, x: torch.Tensor, op: str, bf16_reason: str):
+# Why bfloat16 inputs are refused on the CPU by the kernels that multiply in bf16.
+INTERPRETER_BF16_DOT = "its bf16 tl.dot multiplies raw bits, triton issue 11584"
+
+
+def kernel_device(name: str, x: torch.Tensor, op: str, bf16_reason: str | None = None):
     """A launcher's input `x` (called `name`) must be on CUDA, or on the CPU under the Triton
-    interpreter, where bfloat16 is refused (`bf16_reason`: what the interpreter gets wrong for
-    this kernel)."""
+    interpreter, where bfloat16 is refused when `bf16_reason` is given (what the interpreter
+    gets wrong for this kernel)."""
     if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
         raise ValueError(f"{name} is on {x.device}: {op} needs CUDA tensors "
                          "(or CPU tensors with TRITON_INTERPRET=1)")
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+    if bf16_reason and x.dtype == torch.bfloat16 and x.device.type == "cpu":
         raise TypeError(f"bfloat16 is not supported under the Triton interpreter ({bf16_reason}): "
                         "use float16/float32 on CPU")
 
 
+def scale_bound(name: str, value) -> float | None:
+    """An optional upper bound on activation amaxes: None, or a positive finite number."""
+    if value is None:
+        return None
+    bound = float(value)
+    if not math.isfinite(bound) or bound <= 0:
+        raise ValueError(f"{name} must be a positive finite number or None, got {value!r}")
+    return bound
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """True unless t's elements provably occupy distinct addresses: with the dimensions taken by
+    increasing stride, each stride must exceed the span of the smaller ones (a stride-0 view,
+    or as_strided((T, H), (1, 1)), fails). Rare non-overlapping interleavings fail too."""
+    span = 0
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def out_like(out, like: torch.Tensor, like_name: str, name: str = "out", shape: tuple | None = None):
     """`out` (called `name` in errors) must be a tensor with `like`'s shape (or `shape` when
-    given), dtype and device, and no broadcast (stride-0) dimension, whose elements would
-    overlap when written."""
+    given), dtype and device, whose elements do not overlap (every element is written once)."""
     tensor(name, out)
     if shape is not None:
         if tuple(out.shape) != tuple(shape):
@@ -229,5 +257,6 @@ def out_like(out, like: torch.Tensor, like_name: str, name: str = "out", shape: 
         raise TypeError(f"{name} must have {like_name}'s dtype {like.dtype}, got {out.dtype}")
     if out.device != like.device:
         raise ValueError(f"{name} is on {out.device} but {like_name} is on {like.device}")
-    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
-        raise ValueError(f"{name} must not be a broadcast (stride-0) view: its elements would overlap")
+    if _overlapping(out):
+        raise ValueError(f"{name} has overlapping elements (shape {tuple(out.shape)}, strides {out.stride()}), "
+                         "e.g. a broadcast (stride-0) view: each element must have its own memory")

@@ -392,7 +392,7 @@ def quant_experts_args(hidden_states, gate_up_proj, down_proj, weight_format, ga
         tensors.update(gate_up_zero=gate_up_zero, down_zero=down_zero)
     checks.same_device(**tensors)
     return ExpertQuant(code, s13, s2, gate_up_zero, down_zero, group_size if int4 else 128,
-                        None if act_scale_ub is None else float(act_scale_ub))
+                       checks.scale_bound("act_scale_ub", act_scale_ub))
 
 
 def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -438,6 +438,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
         quant = quant_experts_args(hidden_states, gate_up_proj, down_proj, weight_format, gate_up_scale, down_scale,
                                    gate_up_zero, down_zero, group_size, act_scale_ub)
         checks.routing_args(hidden_states, topk_weights, topk_ids, gate_up_proj.shape[0])
+    checks.kernel_device("hidden_states", hidden_states, "fused_moe", checks.INTERPRETER_BF16_DOT)
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
     else:

@@ -93,6 +93,8 @@ def quantize_fp8_activations(x: torch.Tensor, *, group_size: int | None = None,
     +-448, so x ~= xq * scale. scale_ub bounds outliers (fbgemm_fp8 checkpoints use 1200).
     """
     checks.tensor("x", x, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    checks.kernel_device("x", x, "quantize_fp8_activations")
+    scale_ub = checks.scale_bound("scale_ub", scale_ub)
     if group_size not in (None, FP8_BLOCK_SIZE.value):
         raise ValueError(f"group_size must be None (per token) or {FP8_BLOCK_SIZE.value}, got {group_size!r}")
     M, K = x.shape
@@ -103,9 +105,11 @@ def quantize_fp8_activations(x: torch.Tensor, *, group_size: int | None = None,
     if M and K:
         fp8_quantize_rows_kernel[(M, groups)](
             x, x.stride(0), x.stride(1), xq, xq.stride(0), xq.stride(1), scale, scale.stride(0), scale.stride(1),
-            K, group, 0.0 if scale_ub is None else float(scale_ub),
+            K, group, 0.0 if scale_ub is None else scale_ub,
             HAS_UB=scale_ub is not None, MIN_SCALE=MIN_FP8_SCALE,
             BLOCK=min(1024, max(16, triton.next_power_of_2(group))), num_warps=4)
+    else:  # K == 0: an all-zero row's scale
+        scale.fill_(MIN_FP8_SCALE)
     return xq, (scale[:, 0] if group_size is None else scale)
 
 
@@ -202,6 +206,8 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     token; per 1x128 group for fp8_block) with `quantize_fp8_activations`.
     """
     checks.tensor("x", x, ndim=2, dtypes=checks.FLOAT_DTYPES)
+    checks.kernel_device("x", x, "quant_matmul", checks.INTERPRETER_BF16_DOT)
+    act_scale_ub = checks.scale_bound("act_scale_ub", act_scale_ub)
     code = format_code(weight_format, zero)
     is_int4 = code in (INT4_SYM.value, INT4_ASYM.value)
     checks.tensor("qweight", qweight, ndim=2)
@@ -215,6 +221,8 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         checks.out_like(out, x, "x", shape=(M, N))  # x's dtype and device, [M, N]
     if M == 0:
         return out
+    if K == 0:  # an empty sum; the kernel would still read a scale row that does not exist
+        return out.zero_()
     if is_int4:
         a, a_scale = x, x  # a_scale: placeholder, never read
         precision = "ieee" if x.dtype == torch.float32 else "tf32"

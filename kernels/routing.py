@@ -114,6 +114,7 @@ def route(router_logits: torch.Tensor, top_k: int, scoring: str = "sigmoid",
     renormalize=True rescales the k weights to sum to 1.
     """
     checks.route_args(router_logits, top_k, scoring, renormalize)
+    checks.kernel_device("router_logits", router_logits, "route")
     T, E = router_logits.shape
     weights = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=router_logits.device)

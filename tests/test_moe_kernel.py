@@ -175,6 +175,7 @@ def test_rejects_bad_input():
     x, w13, w2, weights, ids = make_inputs(4, 3, 40, 24, 1, torch.float32, "cpu")
     cases = [
         ((x, w13, w2, weights, torch.zeros(4, 4, dtype=torch.int32)), {}, ValueError),  # top_k > E
+        ((x, w13, w2, weights[:, :0], ids[:, :0]), {}, ValueError),  # top_k = 0: nothing would write out
         ((x, w13, w2, weights, ids + 3), {}, ValueError),  # ids out of range (checked on CPU)
         ((x, w13.half(), w2, weights, ids), {}, TypeError),  # weights/activations dtypes differ
         ((x.half(), w13.half(), w2.half(), weights, ids.float()), {}, TypeError),  # float ids
@@ -185,6 +186,7 @@ def test_rejects_bad_input():
         ((x, w13, w2, weights, ids), dict(out=torch.empty(4, 40, dtype=torch.float16)), TypeError),
         ((x, w13, w2, weights, ids), dict(out=torch.empty(4, 40, device="meta")), ValueError),
         ((x, w13, w2, weights, ids), dict(out=x.numpy()), TypeError),
+        ((x, w13, w2, weights, ids), dict(out=torch.empty(64).as_strided((4, 40), (1, 1))), ValueError),  # overlap
     ]
     for args, kwargs, exc in cases:
         with pytest.raises(exc):

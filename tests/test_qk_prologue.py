@@ -223,7 +223,7 @@ def test_bad_input_names_the_argument():
         (TypeError, "temperature must be", dict(positions=pos, temperature=8192.0)),
         (ValueError, "floor_scale must be positive", dict(positions=pos, temperature=(0.0, 0.1))),
         (ValueError, "q_out must have q's shape", dict(qk_norm_eps=EPS, q_out=torch.empty_like(k))),
-        (ValueError, "k_out must not be a broadcast", dict(qk_norm_eps=EPS, k_out=k[:, :1].expand_as(k))),
+        (ValueError, "k_out has overlapping elements", dict(qk_norm_eps=EPS, k_out=k[:, :1].expand_as(k))),
     ]
     for exc, match, kw in cases:
         args = dict(q=q, k=k)

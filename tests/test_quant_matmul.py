@@ -125,6 +125,21 @@ def test_nn_linear_layout_and_empty_batch(device):
     assert run(x[:0], W).shape == (0, 24)
 
 
+def test_empty_k_is_an_empty_sum(device):
+    x, N = torch.randn(3, 0, device=device).half(), 24
+    fp8 = torch.empty(0, N, dtype=torch.float8_e4m3fn, device=device)
+    nibbles = torch.empty(0, N, dtype=torch.uint8, device=device)
+    for q, scale, fmt, zero in [(fp8, torch.ones(N, device=device), "fp8_rowwise", None),
+                                (fp8, torch.ones(0, 1, device=device), "fp8_block", None),
+                                (nibbles, torch.ones(0, N, device=device), "int4", None),
+                                (nibbles, torch.ones(0, N, device=device), "int4", nibbles)]:
+        out = poisoned((3, N), torch.float16, device)
+        qm.quant_matmul(x, q, scale, weight_format=fmt, zero=zero, group_size=32, out=out)
+        assert torch.equal(out, torch.zeros_like(out)), fmt
+    xq, scale = qm.quantize_fp8_activations(x)
+    assert xq.shape == (3, 0) and torch.equal(scale, torch.full((3,), qm.MIN_FP8_SCALE, device=device))
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 def test_rejects_bad_formats_and_shapes():
@@ -156,6 +171,11 @@ def test_rejects_bad_formats_and_shapes():
     with pytest.raises(ValueError, match="K must be even"):
         qm.quant_matmul(torch.randn(2, 63), torch.zeros(31, 8, dtype=torch.uint8), torch.ones(1, 8),
                         weight_format="int4", group_size=16)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):  # would saturate every activation, or worse
+        with pytest.raises(ValueError, match="act_scale_ub"):
+            qm.quant_matmul(x, f8.qweight, f8.scale, weight_format="fp8_rowwise", act_scale_ub=bad)
+        with pytest.raises(ValueError, match="scale_ub"):
+            qm.quantize_fp8_activations(x, scale_ub=bad)
     with pytest.raises(ValueError, match="granularity"):
         Fp8Weight.quantize(w, "row")
     with pytest.raises(ValueError, match="scale"):

@@ -119,6 +119,9 @@ def test_rejects_mismatched_or_malformed_experts():
         fused_moe(x, w13.packed, w2.packed, weights, ids, **dict(kw, down_scale=kw["down_scale"][..., :1]))
     with pytest.raises(ValueError, match="both be given"):
         fused_moe(x, w13.packed, w2.packed, weights, ids, **dict(kw, down_zero=None))
+    f13, f2 = Fp8Weight.quantize(torch.randn(4, 64, 64)), Fp8Weight.quantize(torch.randn(4, 32, 64))
+    with pytest.raises(ValueError, match="act_scale_ub"):
+        fused_moe(x, f13.qweight, f2.qweight, weights, ids, **dict(expert_kernel_args(f13, f2), act_scale_ub=0.0))
 
 
 @pytest.mark.gpu

@@ -54,6 +54,17 @@ def test_route_ties_infinities_and_strides(device):
     check_route(base.t(), 2, "softmax", True)
 
 
+def test_torch_backend_breaks_ties_like_the_kernel(device):
+    """Logits from a handful of values tie often (as bf16 router logits do): the torch
+    reference must pick the same experts, the lower index first."""
+    from llama4_fast.backends import torch_ref
+    logits = torch.randint(0, 4, (256, 16), device=device).float()
+    for top_k, scoring, renormalize in ((1, "sigmoid", False), (4, "softmax", True)):
+        w, ids = route(logits, top_k, scoring, renormalize)
+        ref_w, ref_ids = torch_ref.route(logits, top_k, scoring, renormalize)
+        assert torch.equal(ids, ref_ids) and torch.allclose(w, ref_w)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("E", [16, 128])
 def test_route_bf16_gpu(E):

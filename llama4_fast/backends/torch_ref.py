@@ -16,14 +16,20 @@ from llama4_fast import quant, registry
 _ATTN_QUERY_BLOCK = 512
 
 
+def _top_k(scores, k):
+    """torch.topk with the kernel's order on ties: the lower expert index first (a stable sort)."""
+    values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], ids[..., :k]
+
+
 @registry.register("route", "torch")
 def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
     if scoring == "sigmoid":
-        logits, ids = torch.topk(router_logits, top_k, dim=-1)
+        logits, ids = _top_k(router_logits, top_k)
         weights = torch.sigmoid(logits.float())
     else:
         probs = torch.softmax(router_logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, top_k, dim=-1)
+        weights, ids = _top_k(probs, top_k)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
