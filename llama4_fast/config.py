@@ -50,17 +50,22 @@ class Llama4Config:
             source = json.loads((path / "config.json" if path.is_dir() else path).read_text())
         elif not isinstance(source, dict):
             source = source.to_dict()
+        outer = source
         if "text_config" in source:
             source = source["text_config"]
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in source.items() if k in known and v is not None}
+        if "attention_chunk_size" in source and source["attention_chunk_size"] is None:
+            kwargs["attention_chunk_size"] = None  # stated as none: every layer attends globally
         rope = source.get("rope_parameters")  # transformers 5 folds theta and scaling in here
         if isinstance(rope, dict):
             kwargs.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
             if rope.get("rope_type", "default") != "default":
                 kwargs["rope_scaling"] = rope
-        if "dtype" in source and "torch_dtype" not in kwargs:
-            kwargs["torch_dtype"] = source["dtype"]
+        if "torch_dtype" not in kwargs:  # a multimodal config keeps the dtype at its top level
+            dtype = next((c[k] for c in (source, outer) for k in ("dtype", "torch_dtype") if c.get(k)), None)
+            if dtype is not None:
+                kwargs["torch_dtype"] = dtype
         cfg = cls(**kwargs)
         cfg._fill_defaults(source)
         return cfg

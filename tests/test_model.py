@@ -84,6 +84,18 @@ def test_config_from_multimodal_dict_and_rope_scaling(hf):
     assert cfg.num_local_experts == 16 and cfg.attention_chunk_size == 16
     assert [cfg.is_chunked(i) for i in range(4)] == [True, True, True, False]
     torch.testing.assert_close(rope_inv_freq(cfg), hf.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    # A multimodal config keeps the dtype at its top level; text_config's is unset.
+    text = dict(hf.config.to_dict(), dtype=None, torch_dtype=None)
+    assert Llama4Config.from_hf({"dtype": "float32", "text_config": text}).dtype() == torch.float32
+
+
+def test_config_without_chunk_size_attends_globally(hf):
+    """attention_chunk_size: null means no chunked layers (as transformers reads it), not the
+    default 8192; a config that omits the key keeps Llama 4's 8192."""
+    stated = Llama4Config.from_hf(dict(hf.config.to_dict(), attention_chunk_size=None))
+    assert stated.attention_chunk_size is None and not any(stated.is_chunked(i) for i in range(4))
+    omitted = {k: v for k, v in hf.config.to_dict().items() if k != "attention_chunk_size"}
+    assert Llama4Config.from_hf(omitted).attention_chunk_size == 8192
 
 
 @torch.no_grad()
