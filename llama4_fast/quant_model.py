@@ -163,7 +163,22 @@ def _linear_role(name: str) -> str | None:
     return None
 
 
-def _text_model(model: nn.Module):
+def _check_target(name: str, module: nn.Module, scheme: str, group_size: int):
+    """Raise, naming the module, what quantize_weight would refuse part-way through the model."""
+    if isinstance(module, nn.Linear):
+        if module.bias is not None:
+            raise ValueError(f"{name}: linear layers with a bias are not supported")
+        depths = {"weight": module.in_features}
+    else:
+        depths = {"gate_up_proj": module.gate_up_proj.shape[1], "down_proj": module.down_proj.shape[1]}
+    for what, K in depths.items():
+        if scheme.startswith("int4") and K % group_size:
+            raise ValueError(f"{name}.{what}: K={K} is not a multiple of group_size={group_size}; choose a "
+                             f"smaller power-of-two group (>= 32) or leave this module unquantized")
+
+
+def _text_model(model: nn.Module, patch: bool = True):
+    """The model itself, after checking its type; a transformers model is patched when `patch`."""
     from llama4_fast.model import Llama4
 
     if isinstance(model, Llama4):
@@ -173,7 +188,8 @@ def _text_model(model: nn.Module):
     m = hf_patch._llama4_classes()
     if not isinstance(model, (m.Llama4ForCausalLM, m.Llama4TextModel, m.Llama4ForConditionalGeneration)):
         raise TypeError(f"model must be a llama4_fast.Llama4 or a transformers Llama 4, got {type(model).__name__}")
-    hf_patch.patch(model)
+    if patch:
+        hf_patch.patch(model)
     return model
 
 
@@ -191,23 +207,25 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 128, *, shared_exp
         raise ValueError("act_scale_ub applies to the fp8 schemes only")
     if scheme.startswith("int4"):
         int4_group_size_args(group_size)  # before any module is touched
-    model = _text_model(model)
+    _text_model(model, patch=False)  # the type check, before anything changes
     wanted = {"shared_expert": shared_expert, "dense_ffn": dense_ffn, "attention": attention}
-    targets = []
-    for name, module in model.named_modules():
-        if _is_experts(module) and not isinstance(module, QuantExperts):
-            targets.append((name, module))
-        elif type(module) is nn.Linear and wanted.get(_linear_role(name)):  # transformers' router: a subclass
-            targets.append((name, module))
-    for name, module in targets:
+    # Names, not modules: a list holding the modules would keep every full-precision weight alive
+    # until the end, doubling the peak memory this module-by-module loop exists to avoid.
+    targets = [name for name, module in model.named_modules()
+               if (_is_experts(module) and not isinstance(module, QuantExperts))
+               or (type(module) is nn.Linear and wanted.get(_linear_role(name)))]  # transformers' router: a subclass
+    for name in targets:  # every check before the first change: a refusal leaves the model as it was
+        _check_target(name, model.get_submodule(name), scheme, group_size)
+    _text_model(model)  # a transformers model: patched, so its layers call the ops
+    for name in targets:
+        module = model.get_submodule(name)
         if isinstance(module, nn.Linear):
-            if module.bias is not None:
-                raise ValueError(f"{name}: linear layers with a bias are not supported")
             new = QuantLinear(quantize_weight(module.weight.t(), scheme, group_size, act_scale_ub))
         else:
             new = QuantExperts(quantize_weight(module.gate_up_proj, scheme, group_size, act_scale_ub),
                                quantize_weight(module.down_proj, scheme, group_size, act_scale_ub))
-        _replace(model, name, new)  # the full-precision module is freed here, before the next one
+        _replace(model, name, new)
+        del module, new  # the full-precision module is freed here, before the next one is quantized
     return model
 
 

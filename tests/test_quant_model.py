@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import llama4_fast
-from llama4_fast import Llama4, registry
+from llama4_fast import Llama4, hf_patch, registry
 from llama4_fast.quant_model import QuantExperts, QuantLinear
 from llama4_fast.tiny import tiny_hf_model
 
@@ -155,3 +155,40 @@ def test_bad_arguments():
             llama4_fast.quantize(model, "int4_asym", group_size=bad)
     with pytest.raises(TypeError, match="Llama 4"):
         llama4_fast.quantize(torch.nn.Linear(4, 4), "fp8")
+
+
+def test_a_refused_quantize_changes_nothing():
+    """K = 192 (the experts' down_proj) is no multiple of 128: the error names the module, and
+    neither the attention projections checked before it nor the transformers model are touched."""
+    hf = tiny_hf_model(seed=8, **SMALL)
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers\.1\.feed_forward\.experts\.down_proj: K=192"):
+        llama4_fast.quantize(hf, "int4", group_size=128, attention=True)
+    assert not hf_patch.is_patched(hf)
+    assert not any(isinstance(m, (QuantLinear, QuantExperts)) for m in hf.modules())
+    assert all(torch.equal(v, before[k]) for k, v in hf.state_dict().items())
+
+
+def test_quantize_frees_each_full_precision_module_before_the_next(monkeypatch):
+    """Module by module: when a weight is quantized, the modules already replaced are gone, so
+    the peak holds one full-precision module beside the quantized ones, not a second model."""
+    import gc
+    import weakref
+
+    from llama4_fast import quant_model
+
+    model = Llama4.from_hf(tiny_hf_model(seed=8, **SMALL))
+    originals = {name: weakref.ref(m) for name, m in model.named_modules() if name.endswith(("experts", "q_proj"))}
+    alive_at_each_call = []
+    quantize_weight = quant_model.quantize_weight
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        alive_at_each_call.append(sum(ref() is not None for ref in originals.values()))
+        return quantize_weight(*args, **kwargs)
+
+    monkeypatch.setattr(quant_model, "quantize_weight", counting)
+    llama4_fast.quantize(model, "fp8", attention=True)
+    # 4 q_proj + 2 experts (2 calls each: gate_up, down); each replaced module leaves at once
+    assert alive_at_each_call[0] == len(originals) == 6
+    assert alive_at_each_call[-1] == 1 and alive_at_each_call == sorted(alive_at_each_call, reverse=True)
