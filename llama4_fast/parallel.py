@@ -34,6 +34,7 @@ waiting).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +43,14 @@ import torch.nn as nn
 
 from llama4_fast import ops
 from llama4_fast.model import Llama4, MoE
+from llama4_fast.quant_model import QuantExperts
 
 # What must agree across ranks before sharding; checked with one all_gather.
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
                   "num_experts_per_tok")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8, torch.uint8)
+# Expert weight kinds, compared across ranks by index (Python's str hash differs per process).
+_EXPERT_KINDS = ("torch.float32", "torch.float16", "torch.bfloat16", "fp8_rowwise", "fp8_block", "int4", "int4_asym")
 
 
 @dataclass
@@ -84,10 +87,13 @@ class ExpertParallelMoE(nn.Module):
         self.shared_expert = moe.shared_expert
         self.experts = moe.experts
         local = slice(self.first_expert, self.first_expert + self.experts_per_rank)
-        for name in ("gate_up_proj", "down_proj"):
-            full = getattr(self.experts, name)
-            # clone: the slice must not keep the full tensor's storage alive
-            setattr(self.experts, name, nn.Parameter(full.detach()[local].clone(), requires_grad=False))
+        if isinstance(self.experts, QuantExperts):  # FP8 / INT4 (quantize, or an FP8 checkpoint)
+            self.experts = QuantExperts(_local_experts(self.experts.gate_up_proj, local),
+                                        _local_experts(self.experts.down_proj, local))
+        else:
+            for name in ("gate_up_proj", "down_proj"):
+                full = getattr(self.experts, name).detach()
+                setattr(self.experts, name, nn.Parameter(full[local].clone(), requires_grad=False))
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.experts_per_rank - 1} of {self.n_experts}, "
@@ -149,13 +155,29 @@ class ExpertParallelMoE(nn.Module):
         return (shared + self.combine(results, plan, flat.shape[0])).view_as(x)
 
 
+def _local_experts(weight, local: slice):
+    """A quantized expert stack (Fp8Weight / Int4Weight, experts first in every tensor) cut to
+    the experts `local`. Cloned: a slice would keep the full stack's storage alive."""
+    return dataclasses.replace(weight, **{f.name: getattr(weight, f.name)[local].clone()
+                                          for f in dataclasses.fields(weight)
+                                          if isinstance(getattr(weight, f.name), torch.Tensor)})
+
+
+def _expert_kind(experts) -> str:
+    w = experts.gate_up_proj
+    if isinstance(w, torch.Tensor):
+        return str(w.dtype)
+    return w.kernel_format + ("_asym" if getattr(w, "zero", None) is not None else "")
+
+
 def shard_experts(model: Llama4, group=None, *, overlap_shared: bool = True) -> Llama4:
     """Turn a thin `Llama4` into its expert-parallel form over `group` (default: the world), in
     place: every MoE layer becomes an `ExpertParallelMoE` holding only this rank's E/W experts.
     Call on every rank of the group, with the same model. Returns the model.
 
+    Quantized experts (`llama4_fast.quantize`, or an FP8 checkpoint) are sharded in their format.
     Raises ValueError on every rank when the ranks' models differ (config fields or expert
-    dtype) or when the world size does not divide the number of experts.
+    dtype/format) or when the world size does not divide the number of experts.
     """
     if not isinstance(model, Llama4):
         raise TypeError(f"model must be a llama4_fast Llama4, got {type(model).__name__}")
@@ -179,11 +201,11 @@ def _check_same_model(model: Llama4, group) -> None:
     so a mismatch raises the same error everywhere before any token exchange could hang."""
     cfg = model.config
     experts = next((layer.feed_forward.experts for layer in model.layers if isinstance(layer.feed_forward, MoE)), None)
-    dtype = experts.gate_up_proj.dtype if experts is not None else None
-    names = (*_CONFIG_FIELDS, "moe_layers", "experts_dtype")
+    kind = _expert_kind(experts) if experts is not None else None
+    names = (*_CONFIG_FIELDS, "moe_layers", "experts_format")
     values = [int(getattr(cfg, f)) for f in _CONFIG_FIELDS]
     values.append(hash(tuple(cfg.moe_layers)))  # ints hash the same in every process
-    values.append(_DTYPES.index(dtype) if dtype in _DTYPES else -1)
+    values.append(_EXPERT_KINDS.index(kind) if kind in _EXPERT_KINDS else -1)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     mine = torch.tensor(values, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]

@@ -4,7 +4,7 @@
 
 MODE
   check     every rank: (1) the EP model on its own prompt (different lengths per rank) gives the
-            1-rank model's logits and greedy tokens; (2) a MoE layer whose router sends every token
+            1-rank model's logits and greedy tokens, also with FP8 and INT4 experts; (2) a MoE layer whose router sends every token
             to rank 0's experts, so rank 1 receives none and still joins every exchange; (3) bad
             setups raise ValueError on every rank: world size not dividing the experts, and
             mismatched configs. Prints "rank R OK check".
@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from llama4_fast import registry
+from llama4_fast import quantize, registry
 from llama4_fast.model import Llama4
 from llama4_fast.parallel import ExpertParallelMoE, shard_experts
 from llama4_fast.tiny import tiny_hf_model
@@ -64,6 +64,19 @@ def ep_equals_one_rank(rank):
 
 
 @torch.no_grad()
+def quantized_ep_equals_one_rank(rank):
+    prompt = torch.randint(3, 1024, (1, 7 + 5 * rank), generator=torch.Generator().manual_seed(30 + rank))
+    for scheme in ("fp8", "int4_asym"):
+        model = quantize(thin(seed=4, interleave_moe_layer_step=2), scheme, group_size=32)
+        ref_logits = model(prompt)
+        shard_experts(model)
+        experts = model.layers[1].feed_forward.experts
+        assert experts.gate_up_proj.shape[0] == 16 // dist.get_world_size(), experts
+        model.clear_caches()
+        close(model(prompt), ref_logits, f"EP logits with {scheme} experts")
+
+
+@torch.no_grad()
 def rank_without_tokens(rank):
     moe = thin(seed=1).layers[0].feed_forward
     E, H = moe.experts.gate_up_proj.shape[:2]
@@ -105,6 +118,7 @@ def main(mode):
     with registry.use("torch"):
         if mode == "check":
             ep_equals_one_rank(rank)
+            quantized_ep_equals_one_rank(rank)
             rank_without_tokens(rank)
             bad_setups(rank)
         elif mode == "mismatch":
