@@ -401,7 +401,14 @@ def patch(model):
             if kind == "FbgemmFp8Linear":
                 undo.append(_set_forward(module, _fp8_linear_forward))
     configs = [(cfg, cfg._attn_implementation) for cfg in _text_configs(model)]
-    for cfg, _ in configs:
+    for cfg, implementation in configs:
+        if implementation == "eager":  # chosen on purpose: the one that returns attention weights
+            if "eager" not in _warned:
+                _warned.add("eager")
+                logger.warning("llama4_fast: the model's attention is 'eager', kept as chosen (output_attentions "
+                               "needs it); for the fast attention call model.set_attn_implementation('sdpa') "
+                               "before patch")
+            continue
         cfg._attn_implementation = ATTN_IMPLEMENTATION
     setattr(model, _PATCH_STATE, (undo, configs))
     return model

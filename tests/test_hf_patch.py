@@ -84,6 +84,29 @@ def test_left_padded_batch():
 
 
 @torch.no_grad()
+def test_an_explicit_eager_attention_is_kept_for_its_weights(caplog):
+    """eager is the implementation that returns attention weights: patch keeps it (and says so),
+    so output_attentions still works, while the MoE, norms and prologue are patched."""
+    model = tiny_hf_model(seed=3, **SMALL)
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 1024, (2, 24))
+    ref = model(ids, output_attentions=True)
+    hf_patch._warned.discard("eager")
+    with caplog.at_level(logging.WARNING, logger=hf_patch.logger.name):
+        llama4_fast.patch(model)
+    assert "kept as chosen" in caplog.text and model.config._attn_implementation == "eager"
+    with registry.record() as calls:
+        out = model(ids, output_attentions=True)
+    assert calls[("fused_moe", "torch")] == 4 and calls[("qk_prologue", "torch")] == 4
+    assert len(out.attentions) == 4
+    for got, want in zip(out.attentions, ref.attentions):
+        assert got.shape == want.shape == (2, model.config.num_attention_heads, 24, 24)
+        assert torch.allclose(got, want, atol=1e-6)
+    _assert_logits_close(out.logits, ref.logits)
+    llama4_fast.unpatch(model)
+
+
+@torch.no_grad()
 def test_unpatch_restores_exactly():
     model = tiny_hf_model(seed=3, **SMALL)
     ids = torch.randint(3, 1024, (2, 24))
