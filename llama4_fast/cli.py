@@ -126,6 +126,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.new_tokens < 1:
         parser.error("--new-tokens must be >= 1")
+    if args.prompt_len < 1:
+        parser.error("--prompt-len must be >= 1")
     return demo(args)
 
 

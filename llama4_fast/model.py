@@ -322,6 +322,9 @@ class Llama4(nn.Module):
             if pad.shape != (B,) or pad.dtype != torch.int64 or pad.device != tokens.device:
                 raise ValueError(f"pad must be an int64 tensor [B={B}] on {tokens.device}, got "
                                  f"{pad.dtype} {tuple(pad.shape)} on {pad.device}")
+            # a host read: checked on CPU only, like the kernels' id checks (no sync per CUDA step)
+            if pad.device.type == "cpu" and not torch.compiler.is_compiling() and bool((pad < 0).any()):
+                raise ValueError(f"pad counts leading padding tokens and must be >= 0, got {pad.tolist()}")
         elif decode:
             pad = torch.zeros(B, dtype=torch.int64, device=tokens.device)
         positions = (torch.arange(S, device=tokens.device) + start_pos)[None]
@@ -365,8 +368,8 @@ class Llama4(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor | list[torch.Tensor], max_new_tokens: int, *,
-                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None, prefill_piece: int | None = None,
+                 temperature: float = 0.0, top_k: int | None = None,
+                 eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None, prefill_piece: int | None = None,
                  cuda_graph: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Greedy (temperature=0) or sampled continuation of prompt [B, S] (or [S]), or of a
         list of 1-D prompts of different lengths, decoded as one left-padded batch and
@@ -377,8 +380,9 @@ class Llama4(nn.Module):
         back per token, only every 16 tokens whether every sequence has emitted eos.
         Caches are reused when large enough for B x (S + max_new_tokens).
 
+        eos_token_id: one id or several (Llama 4's configs list three): a sequence ends at any.
         Returns [B, S + n] with n <= max_new_tokens (fewer once every sequence emitted eos;
-        sequences that finished early are padded with eos)."""
+        sequences that finished early are padded with the first eos id)."""
         options = dict(temperature=temperature, top_k=top_k, eos_token_id=eos_token_id, generator=generator,
                        prefill_piece=prefill_piece, cuda_graph=cuda_graph)
         if isinstance(prompt, (list, tuple)):
@@ -400,13 +404,21 @@ class Llama4(nn.Module):
         return [row[S - n:] for row, n in zip(out, lengths)]
 
     def _generate(self, prompt: torch.Tensor, max_new_tokens: int, pad: torch.Tensor | None, *,
-                  temperature: float, top_k: int | None, eos_token_id: int | None,
+                  temperature: float, top_k: int | None, eos_token_id: int | list[int] | None,
                   generator: torch.Generator | None, prefill_piece: int | None,
                   cuda_graph: bool | None) -> torch.Tensor:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+        eos = None
+        if eos_token_id is not None:
+            eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                               dtype=prompt.dtype, device=prompt.device).reshape(-1)
+            if eos.numel() == 0:
+                raise ValueError("eos_token_id must be an id, a non-empty list of ids, or None")
         B, S = prompt.shape
         if self.max_batch_size < B or self.max_seq_len < S + max_new_tokens:
             self.setup_caches(B, S + max_new_tokens)
@@ -417,18 +429,18 @@ class Llama4(nn.Module):
         n = max_new_tokens
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_k, generator)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done |= token == eos_token_id
+            if eos is not None:
+                token = torch.where(done, eos[0], token)
+                done |= torch.isin(token, eos)
             new[:, i] = token
             if i + 1 == max_new_tokens:
                 break
-            if eos_token_id is not None and (i + 1) % 16 == 0 and bool(done.all()):
+            if eos is not None and (i + 1) % 16 == 0 and bool(done.all()):
                 n = i + 1
                 break
             logits = step(token, S + i, pad)
-        if eos_token_id is not None:  # cut after the step at which the last sequence finished
-            finished = (new[:, :n] == eos_token_id).int().cummax(dim=1).values.all(dim=0)
+        if eos is not None:  # cut after the step at which the last sequence finished
+            finished = torch.isin(new[:, :n], eos).int().cummax(dim=1).values.all(dim=0)
             if bool(finished.any()):
                 n = int(finished.int().argmax()) + 1
         return torch.cat([prompt, new[:, :n]], dim=1)

@@ -25,3 +25,5 @@ def test_console_script_help():
 def test_bad_arguments_are_rejected():
     with pytest.raises(SystemExit):
         cli.main(["demo", "--new-tokens", "0"])
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--prompt-len", "0"])

@@ -178,6 +178,8 @@ def test_generate_reuses_caches_and_trims_at_eos(hf):
     eos = int(greedy[0, 9 + 20])  # stop at the first occurrence of this token, past 16 steps
     n = int((greedy[0, 9:] == eos).int().argmax()) + 1
     assert torch.equal(model.generate(ids, 40, eos_token_id=eos), greedy[:, :9 + n])
+    absent = next(t for t in range(3, 1024) if t not in greedy[0, 9:].tolist())
+    assert torch.equal(model.generate(ids, 40, eos_token_id=[absent, eos]), greedy[:, :9 + n])  # any of a list
 
 
 def test_decode_errors(hf):
@@ -191,6 +193,13 @@ def test_decode_errors(hf):
         model.decode_step(1)(torch.tensor([5]), 8)
     with pytest.raises(ValueError, match="piece"):
         model.prefill(torch.randint(3, 1024, (1, 4)), piece=-1)
+    with pytest.raises(ValueError, match="pad counts leading padding tokens"):
+        model(torch.randint(3, 1024, (1, 4)), pad=torch.tensor([-3]))
+    for top_k in (0, -2):
+        with pytest.raises(ValueError, match="top_k must be None or >= 1"):
+            model.generate(torch.randint(3, 1024, (1, 4)), 2, temperature=1.0, top_k=top_k)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(torch.randint(3, 1024, (1, 4)), 2, eos_token_id=[])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
             model.decode_step(1, cuda_graph=True)
