@@ -373,6 +373,12 @@ def _set_forward(module, fn):
     return module, attr, had_own, previous
 
 
+def _instance_forward(module):
+    """The function behind a forward set on this instance (None: the class's own)."""
+    bound = module.__dict__.get("_old_forward" if hasattr(module, "_hf_hook") else "forward")
+    return getattr(bound, "__func__", None)
+
+
 def _text_configs(model):
     cfg = model.config
     return [cfg.text_config] if hasattr(cfg, "text_config") else [cfg]
@@ -387,8 +393,13 @@ def patch(model):
                         f"Llama4ForConditionalGeneration, got {type(model).__name__}")
     if hasattr(model, _PATCH_STATE):
         return model
-    _register_attention()
     forwards = _forwards(m)
+    ours = {*forwards.values(), _attention_forward, _fp8_linear_forward}
+    inside = next((name for name, module in model.named_modules() if _instance_forward(module) in ours), None)
+    if inside is not None:  # patched through a parent or a child: two undo records would fight
+        raise ValueError(f"part of this model ({inside or 'the model itself'}) is already patched through another "
+                         "model object holding it; unpatch that one first")
+    _register_attention()
     undo = []
     for module in model.modules():
         fn = forwards.get(type(module))

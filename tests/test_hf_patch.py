@@ -121,6 +121,18 @@ def test_unpatch_restores_exactly():
     assert model.config._attn_implementation == implementation
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert torch.equal(model(ids).logits, before)
+
+
+def test_a_model_patched_through_a_parent_or_child_is_refused():
+    """patch(m.model) then patch(m) (or the reverse) would leave two undo records, and unpatching
+    both would restore the first patch's forwards: refused, naming what is patched."""
+    model = tiny_hf_model(seed=3, **SMALL)
+    for first, second in ((model.model, model), (model, model.model)):
+        llama4_fast.patch(first)
+        with pytest.raises(ValueError, match="already patched through another model object"):
+            llama4_fast.patch(second)
+        llama4_fast.unpatch(first)
+        assert all("forward" not in m.__dict__ for m in model.modules())
     assert llama4_fast.unpatch(model) is model  # unpatching an unpatched model is harmless
 
 
