@@ -75,6 +75,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, rows: int = 2048) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+@torch.no_grad()
+def error_vs_math(out, q, k, v, chunk: int | None, rows: int = 16, batches: int = 2) -> float:
+    """||out - ref|| / ||ref|| over the last `rows` queries of the first `batches` sequences, ref
+    computed in fp32 from the definition (scores, causal/chunk mask, softmax), one KV head at a
+    time: a check of ours that depends on no kernel it is compared with. The queries are the
+    last Sq of the S keys, as in every case here."""
+    B, hq, Sq, D = q.shape
+    hkv, S = k.shape[1], k.shape[2]
+    group, n = hq // hkv, min(rows, Sq)
+    pos = torch.arange(S - n, S, device=q.device)[:, None]
+    keys = torch.arange(S, device=q.device)[None]
+    visible = (keys <= pos) & ((keys // chunk == pos // chunk) if chunk else True)  # [n, S]
+    num = den = 0.0
+    for b in range(min(B, batches)):
+        for h in range(hkv):
+            qs = q[b, h * group:(h + 1) * group, -n:].float()  # [group, n, D]
+            kh, vh = k[b, h].float(), v[b, h].float()  # [S, D]
+            scores = (qs @ kh.t() * D ** -0.5).masked_fill(~visible, float("-inf"))
+            ref = torch.softmax(scores, dim=-1) @ vh
+            num += (out[b, h * group:(h + 1) * group, -n:].float() - ref).square().sum().item()
+            den += ref.square().sum().item()
+    return (num / max(den, 1e-30)) ** 0.5
+
+
 def _failure(label: str, e: Exception) -> dict:
     msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     print(f"  [{label}] failed: {msg}", flush=True)
@@ -83,15 +107,23 @@ def _failure(label: str, e: Exception) -> dict:
     return {"error": msg}
 
 
-def run_case(label: str, fn, inputs, budget: common.Budget, probe: tuple, reference=None):
+def run_case(label: str, fn, inputs, budget: common.Budget, probe: tuple, reference=None, chunk=None):
     """-> (entry, fn(*probe)): entry has the median us of fn(*inputs()) (rotating sets) and the
     relative error of fn(*probe) against `reference` (ours on the same probe set), or an error
-    once failed or out of budget."""
+    once failed or out of budget. Without a reference (ours), the answer is first checked
+    against the fp32 definition (error_vs_math, layer chunk `chunk`): a wrong one is not timed."""
     if budget.exhausted():
         return {"error": "skipped: time budget"}, None
     try:
         out = fn(*probe)
+        if reference is None:
+            err = error_vs_math(out, *probe, chunk)
+            wrong = common.wrong_answer(err)
+            if wrong:
+                return {"error": wrong, "rel_err_vs_math": err}, None
         entry = {"us": common.time_us(lambda: fn(*inputs()))}
+        if reference is None:
+            entry["rel_err_vs_math"] = err
         if reference is not None:
             entry["rel_err_vs_ours"] = rel_err(out, reference)
         return entry, out
@@ -146,7 +178,7 @@ def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:
                 return chunked_attention(q, k, v, chunk_size=chunk)
 
             probe = inputs()
-            ours, reference = run_case("ours", ours_fn, inputs, budget, probe)
+            ours, reference = run_case("ours", ours_fn, inputs, budget, probe, chunk=chunk)
             if chunk is None:
                 def sdpa(q, k, v):
                     with sdpa_kernel(fused) if device == "cuda" else contextlib.nullcontext():
@@ -263,7 +295,7 @@ def bench_decode(cfg, dtype, device, ceilings, budget) -> list[dict]:
                                                   torch.randn(B, hkv, S, D, dtype=dtype, device=device)), kv_bytes)
                 ours_fn = lambda q, k, v: chunked_attention(q, k, v, chunk_size=chunk)  # noqa: E731
                 probe = inputs()
-                ours, reference = run_case("ours", ours_fn, inputs, budget, probe)
+                ours, reference = run_case("ours", ours_fn, inputs, budget, probe, chunk=chunk)
                 lo = S - visible
 
                 def sdpa(q, k, v):  # the query is the last position: it sees keys [lo, S) unmasked
@@ -353,17 +385,24 @@ def main(argv=None):
         flex.why = "skipped: --no-flex"
     elif flex.why:
         print(flex.why, flush=True)
+    path = None
+
+    def save(prefill, decode):  # after each phase: a run cut short by its time limit keeps the finished ones
+        return common.rewrite_results("attention", {
+            "dtype": str(dtype), "config": cfg, "quick": bool(args.quick), "ceilings": ceilings,
+            "prefill": [{k: v for k, v in row.items() if k != "_pending"} for row in prefill], "decode": decode,
+            "notes": [f"flex: {flex.why}"] if flex.why else [],
+        }, path)
+
     prefill = bench_prefill(cfg, dtype, device, ceilings, budget)
+    path = save(prefill, [])
     decode = bench_decode(cfg, dtype, device, ceilings, budget)
+    path = save(prefill, decode)
     run_flex(prefill, flex, device, ceilings, budget)
-    notes = [f"flex: {flex.why}"] if flex.why else []
     title = (f"attention, {common.gpu_name()}, {str(dtype).replace('torch.', '')}, "
              f"{cfg['heads'][0]} q / {cfg['heads'][1]} kv heads, head_dim {cfg['head_dim']}")
     print_tables(prefill, decode, ceilings, title)
-    path = common.write_results("attention", {
-        "dtype": str(dtype), "config": cfg, "quick": bool(args.quick), "ceilings": ceilings,
-        "prefill": prefill, "decode": decode, "notes": notes,
-    })
+    path = save(prefill, decode)
     print(f"\nwrote {path}")
     return path
 

@@ -24,6 +24,19 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 L2_BYTES = 50 * 2**20  # H100 SXM; inputs smaller than this are rotated so repeats miss the cache
+# Relative-norm error past which an answer is wrong, not rounding: bf16 outputs round at 2^-9 and
+# FP8/INT4 methods are checked against their own dequantized-weight reference. A wrong answer's
+# time is not published (the method gets an error instead).
+WRONG_REL_ERR = 2e-2
+
+
+def wrong_answer(rel_err: float) -> str | None:
+    """The error to record instead of a timing when `rel_err` is past WRONG_REL_ERR (or NaN)."""
+    if rel_err <= WRONG_REL_ERR:
+        return None
+    msg = f"WRONG ANSWER: relative error {rel_err:.2e} > {WRONG_REL_ERR:g}"
+    print(f"    {msg}", flush=True)
+    return msg
 
 
 def device() -> str:
@@ -46,12 +59,16 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:  # pragma: no cover - triton is a dependency
         triton_version = None
-    try:  # None where the tree is not a git checkout (the GPU machines get a bare copy)
+    # The GPU machines get a copy without .git: run_gpu_suite.sh is then given the commit in
+    # LLAMA4_FAST_COMMIT (see its header); None where neither says.
+    commit = os.environ.get("LLAMA4_FAST_COMMIT")
+    try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10)
-        commit = git.stdout.strip() if git.returncode == 0 else None
+        if git.returncode == 0 and git.stdout.strip() != "HEAD":
+            commit = git.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        commit = None
+        pass
     return {
         "gpu": gpu_name(),
         "torch": torch.__version__,
@@ -119,6 +136,35 @@ def measure_ceilings(quick: bool = False) -> dict:
     t_mm = time_us(lambda: a @ b) * 1e-6
     del src, dst, a, b
     return {"hbm_tbps": hbm, "matmul_tflops": 2 * m**3 / t_mm / 1e12, "matmul_dtype": str(dtype)}
+
+
+def scaled_mm_available(dev: str) -> str | None:
+    """None if torch._scaled_mm with rowwise scales runs here, else why not."""
+    if dev != "cuda":
+        return "torch._scaled_mm needs a CUDA GPU"
+    if torch.cuda.get_device_capability() < (8, 9):
+        return "torch._scaled_mm needs sm89+"
+    try:
+        a = torch.randn(16, 64, device=dev).to(torch.float8_e4m3fn)
+        b = torch.randn(32, 64, device=dev).to(torch.float8_e4m3fn)
+        torch._scaled_mm(a, b.t(), scale_a=torch.ones(16, 1, device=dev), scale_b=torch.ones(1, 32, device=dev),
+                         out_dtype=torch.bfloat16)
+    except Exception as e:  # noqa: BLE001 - any failure means "not available here"
+        return f"torch._scaled_mm failed: {type(e).__name__}: {e}"
+    return None
+
+
+def fp8_peak_tflops(dev: str, quick: bool) -> float | None:
+    """The FP8 matmul ceiling, measured like the bf16 one (a large _scaled_mm)."""
+    if scaled_mm_available(dev):
+        return None
+    m = 1024 if quick else 8192
+    a = torch.randn(m, m, device=dev).to(torch.float8_e4m3fn)
+    b = torch.randn(m, m, device=dev).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=dev)
+    t = time_us(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                         use_fast_accum=True))
+    return 2 * m**3 / (t * 1e-6) / 1e12
 
 
 def roofline(us: float, bytes_moved: float, flops: float, ceilings: dict) -> dict:

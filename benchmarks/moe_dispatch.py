@@ -42,7 +42,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device, markdown_table, measure_ceilings, rewrite_results, roofline, rotating, time_us  # noqa: E402
+from common import (device, fp8_peak_tflops, markdown_table, measure_ceilings, rewrite_results, roofline,  # noqa: E402
+                    rotating, time_us, wrong_answer)
 
 from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import fused_moe, route  # noqa: E402
@@ -200,6 +201,14 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
     bytes_moved = touched * expert_bytes + T * (2 * H + E) * elem
     flops = 2 * T * TOP_K * H * 3 * I
     row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}}
+    # The baselines read the bf16 experts: their floor is the bf16 one, whatever ours reads.
+    base_bytes = touched * 3 * H * I * elem + T * (2 * H + E) * elem
+    if quant is not None:
+        row["baseline_bytes"] = base_bytes
+    # FP8 experts multiply in FP8 (activations quantized per token): ours' compute floor is the
+    # measured FP8 peak where there is one.
+    fp8_peak = ceilings.get("fp8_matmul_tflops") if args.weights == "fp8" else None
+    ours_ceilings = dict(ceilings, matmul_tflops=fp8_peak) if fp8_peak else ceilings
 
     def timed(name, fn):
         try:
@@ -216,14 +225,20 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
 
     t_ours = timed("ours", lambda x, lg: ours(x, lg, ours_w13, ours_w2, quant_kwargs=ours_kw))
     if t_ours is not None:
-        row.update({f"ours_{k}": v for k, v in roofline(t_ours, bytes_moved, flops, ceilings).items()})
-        # A number for a wrong answer is worthless: check ours against the loop baseline.
+        # A number for a wrong answer is worthless: check ours against the loop baseline
+        # (quantized: the torch reference on the same quantized experts).
         x0, lg0 = sets[0]
-        # (quantized: the torch reference on the same quantized experts)
         ref = (loop(x0, lg0, w13, w2) if quant is None else loop(x0, lg0, quant[0], quant[1])).float()
         got = ours(x0, lg0, ours_w13, ours_w2, quant_kwargs=ours_kw).float()
         row["rel_err_vs_loop"] = ((got - ref).norm() / ref.norm()).item()
-    row["roofline_us"] = roofline(1.0, bytes_moved, flops, ceilings)["roofline_us"]  # time-independent
+        wrong = wrong_answer(row["rel_err_vs_loop"])
+        if wrong:
+            row["errors"]["ours"] = wrong
+            del row["ours_us"]
+            t_ours = None
+        else:
+            row.update({f"ours_{k}": v for k, v in roofline(t_ours, bytes_moved, flops, ours_ceilings).items()})
+    row["roofline_us"] = roofline(1.0, bytes_moved, flops, ours_ceilings)["roofline_us"]  # time-independent
 
     # Routing overhead alone: what fused_moe adds before its GEMMs.
     cfg = launch_config(sets[0][0], ours_w13, ours_w2, TOP_K)
@@ -237,7 +252,7 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
     row["block_m"], row["direct"] = cfg.block_m, cfg.direct(T * TOP_K)
     row["split_k"] = [cfg.gate_up.split_k, cfg.down.split_k]
 
-    if dev == "cuda" and T <= GRAPH_MAX_T:
+    if dev == "cuda" and T <= GRAPH_MAX_T and t_ours is not None:
         try:
             graphs = []
             for x, lg in sets:
@@ -251,7 +266,7 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
             replays = itertools.cycle(graphs)
             t = timed("ours_graph", lambda *_: next(replays).replay())
             if t is not None:
-                row["ours_graph_pct_roofline"] = roofline(t, bytes_moved, flops, ceilings)["pct_roofline"]
+                row["ours_graph_pct_roofline"] = roofline(t, bytes_moved, flops, ours_ceilings)["pct_roofline"]
             del graphs, replays
         except Exception as e:  # noqa: BLE001
             row["errors"]["ours_graph"] = f"{type(e).__name__}: {e}"
@@ -272,7 +287,7 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
             continue
         t = timed(name, lambda x, lg, f=impls[name]: f(x, lg, w13, w2))
         if t is not None:
-            row[f"{name}_pct_roofline"] = roofline(t, bytes_moved, flops, ceilings)["pct_roofline"]
+            row[f"{name}_pct_roofline"] = roofline(t, base_bytes, flops, ceilings)["pct_roofline"]
             if t_ours is not None:
                 row[f"speedup_vs_{name}"] = t / t_ours
     if dev == "cuda":
@@ -384,6 +399,8 @@ def main(argv=None):
     names = args.shapes or (list(QUICK_SHAPES) if args.quick else list(SHAPES))
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
     ceilings = measure_ceilings(quick=args.quick)
+    if args.weights == "fp8":
+        ceilings["fp8_matmul_tflops"] = fp8_peak_tflops(dev, args.quick)
     print(f"device {dev}, {dtype}; ceilings: copy {ceilings['hbm_tbps']:.2f} TB/s, "
           f"matmul {ceilings['matmul_tflops']:.1f} TFLOP/s ({ceilings['matmul_dtype']})", flush=True)
     gmm_reason = grouped_mm_available(dev, dtype)

@@ -20,7 +20,8 @@ Columns: median us of each; the fused kernel's TB/s over the bytes it must move 
 and written once; q only on nope layers) and % of the measured HBM copy bandwidth; each
 prologue as % of attention. On a GPU the decode rows are also timed as CUDA-graph replays
 (`graph` columns): a captured decode step pays no launch overhead, so those are the kernels'
-own times. The fused output is checked against the torch chain (rel_err_vs_torch in the JSON).
+own times. The fused output is checked against the torch chain (rel_err_vs_torch in the JSON);
+past common.WRONG_REL_ERR the fused variants are recorded as wrong answers, not timed.
 """
 
 from __future__ import annotations
@@ -158,9 +159,11 @@ def bench_case(cfg, dtype, device, ceilings, budget, B: int, S: int, context: in
     except Exception as e:  # noqa: BLE001
         row["rel_err_vs_torch"] = None
         print(f"  [check] failed: {type(e).__name__}: {e}", flush=True)
+    wrong = row["rel_err_vs_torch"] is not None and common.wrong_answer(row["rel_err_vs_torch"])
     for name, fn in (("torch", prologue(torch_chain)), ("fused", prologue(fused)), ("q_side", prologue(q_side)),
                      ("attn", attention)):
-        row[name] = timed(name, fn, inputs, graph, budget)
+        # a fused prologue that disagrees with the torch chain is not timed: its speed means nothing
+        row[name] = {"error": wrong} if wrong and name in ("fused", "q_side") else timed(name, fn, inputs, graph, budget)
     f = row["fused"]
     if "us" in f:
         f.update(common.roofline(f["us"], moved, 0.0, ceilings))

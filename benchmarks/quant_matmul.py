@@ -12,9 +12,10 @@ side by side in one run:
   fp8 act-quant  the activation quantization alone (quantize_fp8_activations, per token): the
               share of ours_fp8 that a per-token amax inside the GEMM would save at small M
 The roofline counts the bytes that must move (weight in its format with its scales, x, y) and
-2MKN FLOPs against the measured copy bandwidth and bf16 matmul peak (FP8 rows also against the
+2MKN FLOPs against the measured copy bandwidth and bf16 matmul peak (FP8 rows against the
 measured FP8 peak when _scaled_mm runs here). Each method's answer is checked against the
-torch dequantized-weight reference before it is timed. Writes
+torch dequantized-weight reference before it is timed; past common.WRONG_REL_ERR it is
+recorded as a wrong answer, not timed. Writes
 benchmarks/results/quant_matmul-<gpu>-<time>.json and a markdown table per shape.
 
     python benchmarks/quant_matmul.py                   # the full run (~1 min on an H100)
@@ -38,7 +39,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import L2_BYTES, Budget, device, markdown_table, measure_ceilings, rewrite_results, roofline, rotating, time_us  # noqa: E402
+from common import (L2_BYTES, Budget, device, fp8_peak_tflops, markdown_table, measure_ceilings,  # noqa: E402
+                    rewrite_results, roofline, rotating, scaled_mm_available, time_us, wrong_answer)
 
 from llama4_fast.kernels import quant_matmul, quantize_fp8_activations  # noqa: E402
 from llama4_fast.quant import Fp8Weight, Int4Weight, quant_linear_ref, quantize_fp8_activations_ref  # noqa: E402
@@ -54,47 +56,18 @@ SEED = 0
 MAX_WEIGHT_SETS = 48  # TP8 shards are 2.6 MB in INT4: enough copies that repeats miss L2
 
 
-def weight_bytes(method: str, K: int, N: int, elem: int) -> float:
-    if method == "bf16":
+def weight_bytes(weight, K: int, N: int, elem: int) -> int:
+    """Bytes a method must read for its weight: the bf16 matrix (weight None), or every tensor
+    of the format object (FP8 values and fp32 scales; INT4 nibbles and scales in x's dtype)."""
+    if weight is None:
         return K * N * elem
-    if method in ("scaled_mm", "ours_fp8"):
-        return K * N + 4 * N
-    return K * N / 2 + (K // GROUP) * N * elem
-
-
-def scaled_mm_available(dev: str) -> str | None:
-    """None if torch._scaled_mm with rowwise scales runs here, else why not."""
-    if dev != "cuda":
-        return "torch._scaled_mm needs a CUDA GPU"
-    if torch.cuda.get_device_capability() < (8, 9):
-        return "torch._scaled_mm needs sm89+"
-    try:
-        a = torch.randn(16, 64, device=dev).to(torch.float8_e4m3fn)
-        b = torch.randn(32, 64, device=dev).to(torch.float8_e4m3fn)
-        torch._scaled_mm(a, b.t(), scale_a=torch.ones(16, 1, device=dev), scale_b=torch.ones(1, 32, device=dev),
-                         out_dtype=torch.bfloat16)
-    except Exception as e:  # noqa: BLE001 - any failure means "not available here"
-        return f"torch._scaled_mm failed: {type(e).__name__}: {e}"
-    return None
-
-
-def fp8_peak_tflops(dev: str, quick: bool) -> float | None:
-    """The FP8 matmul ceiling, measured like the bf16 one (a large _scaled_mm)."""
-    if scaled_mm_available(dev):
-        return None
-    m = 1024 if quick else 8192
-    a = torch.randn(m, m, device=dev).to(torch.float8_e4m3fn)
-    b = torch.randn(m, m, device=dev).to(torch.float8_e4m3fn)
-    one = torch.ones((), device=dev)
-    t = time_us(lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
-                                         use_fast_accum=True))
-    return 2 * m**3 / (t * 1e-6) / 1e12
+    return sum(t.numel() * t.element_size() for t in weight.tensors())
 
 
 def make_methods(w: torch.Tensor, dtype, scaled_mm_reason):
     """{method: fn(x) -> y} with their weights prepared once (not timed)."""
     fp8 = Fp8Weight.quantize(w)  # per-channel e4m3, stored K-contiguous
-    int4 = Int4Weight.quantize(w, GROUP)
+    int4 = Int4Weight.quantize(w, GROUP, scale_dtype=dtype)  # a model's scales: its dtype (w is fp32 here)
     w_lin = w.t().contiguous().to(dtype)  # nn.Linear layout [N, K]
     methods = {
         "bf16": (lambda x: F.linear(x, w_lin)),
@@ -134,11 +107,15 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
             if budget.exhausted():
                 row["errors"][method] = "skipped: time budget"
                 continue
-            bytes_moved = weight_bytes(method, K, N, dtype.itemsize) + M * (K + N) * dtype.itemsize
+            bytes_moved = weight_bytes(refs[method], K, N, dtype.itemsize) + M * (K + N) * dtype.itemsize
             try:
                 out = fn(x0).float()
                 ref = (x0.float() @ w) if refs[method] is None else quant_linear_ref(x0, refs[method]).float()
                 row[f"{method}_rel_err"] = ((out - ref).norm() / ref.norm()).item()
+                wrong = wrong_answer(row[f"{method}_rel_err"])
+                if wrong:
+                    row["errors"][method] = wrong
+                    continue
                 fns = itertools.cycle([s[0][method] for s in sets])
                 t = time_us(lambda: next(fns)(nxt()[0]), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
             except Exception as e:  # noqa: BLE001 - one failing method must not stop the run
@@ -148,11 +125,10 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
                     traceback.print_exc()
                 continue
             row[f"{method}_us"] = t
-            rl = roofline(t, bytes_moved, row["flops"], ceilings)
+            # FP8 methods multiply in FP8: their compute floor is the measured FP8 peak, when there is one
+            fp8_peak = ceilings.get("fp8_matmul_tflops") if method in ("scaled_mm", "ours_fp8") else None
+            rl = roofline(t, bytes_moved, row["flops"], dict(ceilings, matmul_tflops=fp8_peak) if fp8_peak else ceilings)
             row.update({f"{method}_{k}": v for k, v in rl.items()})
-            if method in ("scaled_mm", "ours_fp8") and ceilings.get("fp8_matmul_tflops"):
-                fp8_ceilings = dict(ceilings, matmul_tflops=ceilings["fp8_matmul_tflops"])
-                row[f"{method}_pct_roofline"] = roofline(t, bytes_moved, row["flops"], fp8_ceilings)["pct_roofline"]
         if "ours_fp8_us" in row and not budget.exhausted():  # same inputs, timed the same way
             row["fp8_act_quant_us"] = time_us(lambda: quantize_fp8_activations(nxt()[0]), warmup_ms=WARMUP_MS,
                                               rep_ms=REP_MS)

@@ -10,6 +10,9 @@
 #   bash benchmarks/run_gpu_suite.sh --quick         # CPU dry run of every step: toy sizes, interpreter
 #   bash benchmarks/run_gpu_suite.sh --plan [STEPS]  # print what would run (steps, limits, commands)
 #
+# On a machine that gets a copy of the tree without .git, name the commit being measured, so the
+# result files carry it: LLAMA4_FAST_COMMIT=$(git rev-parse HEAD) (expanded where .git is).
+#
 # The default run is one device call: every benchmark at a reduced size, the ones whose numbers
 # no committed result has yet first (e2e, quant_matmul, the FP8/INT4 MoE, attention, qk_prologue),
 # then the bf16 MoE, hf_patch, scaling and the GPU tests. Each step has a time limit (the table
@@ -76,7 +79,7 @@ step() {  # step NAME LIMIT_S FULL_LIMIT_S CMD...: run one step if selected, kee
 }
 
 if [ -z "$QUICK" ]; then
-  step install 60 60 $PY -m pip install -q -e . --no-deps --no-build-isolation
+  step install 60 60 $PY -m pip install -q --no-index --disable-pip-version-check -e . --no-deps --no-build-isolation
   step gpu-info 20 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
 fi
 # Per-step arguments: toy sizes for --quick, reduced sizes for the default run, else full size.

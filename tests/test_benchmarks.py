@@ -99,3 +99,20 @@ def test_e2e_decode_floor_matches_the_published_moe_roofline():
     assert abs(extra_us - (738 - 168)) < 5, extra_us
     int4 = e2e.decode_floor_bytes(cfg, 8, 0, e2e.EXPERT_BYTES["int4"]) - e2e.decode_floor_bytes(cfg, 1, 0, e2e.EXPERT_BYTES["int4"])
     assert abs(int4 / 3.0e12 * 1e6 - 570 * (0.5 + 2 / 128) / 2) < 2  # routed experts at 4.125 bits
+
+
+def test_wrong_answers_and_the_commit_are_recorded(monkeypatch):
+    """A benchmark's answer past WRONG_REL_ERR (or NaN) gets an error instead of a time; result
+    files name the commit from LLAMA4_FAST_COMMIT where git cannot (the GPU copy has no .git)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import common
+
+    assert common.wrong_answer(1e-3) is None
+    assert "WRONG ANSWER" in common.wrong_answer(0.5) and "WRONG ANSWER" in common.wrong_answer(float("nan"))
+
+    def no_git(*args, **kwargs):
+        raise OSError("no git here")
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    monkeypatch.setenv("LLAMA4_FAST_COMMIT", "abc1234")
+    assert common.environment()["git_commit"] == "abc1234"
