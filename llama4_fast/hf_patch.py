@@ -57,6 +57,13 @@ SUPPORTED_TRANSFORMERS = "4.57.x and 5.x"
 _warned: set[str] = set()  # one-time warnings already given
 
 
+def _warn_once(key: str, message: str, *args):
+    """logger.warning(message, *args) the first time `key` comes up in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
+
+
 # -- version gate -------------------------------------------------------------------------------
 def _transformers():
     try:
@@ -196,10 +203,8 @@ def _known_attention_signature(forward) -> bool:
     names = tuple(inspect.signature(forward).parameters)
     if names in _ATTENTION_SIGNATURES:
         return True
-    if "attention" not in _warned:
-        _warned.add("attention")
-        logger.warning("llama4_fast: transformers' Llama4TextAttention.forward%s is not one the patch knows; "
-                       "its q/k prologue (RoPE, qk-norm, temperature) stays transformers' own", names[1:])
+    _warn_once("attention", "llama4_fast: transformers' Llama4TextAttention.forward%s is not one the patch "
+               "knows; its q/k prologue (RoPE, qk-norm, temperature) stays transformers' own", names[1:])
     return False
 
 
@@ -220,9 +225,7 @@ class MaskLayout:
 
 
 def _fallback(reason: str, **mask_kwargs):
-    if reason not in _warned:
-        _warned.add(reason)
-        logger.warning("llama4_fast: %s; this attention mask falls back to a dense mask with SDPA", reason)
+    _warn_once(reason, "llama4_fast: %s; this attention mask falls back to a dense mask with SDPA", reason)
     from transformers.masking_utils import sdpa_mask
 
     mask_kwargs["allow_is_causal_skip"] = False
@@ -363,10 +366,15 @@ def _register_attention():
 _PATCH_STATE = "_llama4_fast_patch"  # attribute on the patched top-level model
 
 
+def _forward_attr(module) -> str:
+    """The instance attribute the patch sets: modules wrapped by accelerate hooks (device_map)
+    keep their hook, and the wrapped `_old_forward` is what gets replaced."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+
+
 def _set_forward(module, fn):
-    """Replace one module instance's forward; returns how to undo it. Modules wrapped by
-    accelerate hooks (device_map) keep their hook: the wrapped `_old_forward` is replaced."""
-    attr = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+    """Replace one module instance's forward (see _forward_attr); returns how to undo it."""
+    attr = _forward_attr(module)
     had_own = attr in module.__dict__
     previous = module.__dict__.get(attr)
     setattr(module, attr, types.MethodType(fn, module))
@@ -375,7 +383,7 @@ def _set_forward(module, fn):
 
 def _instance_forward(module):
     """The function behind a forward set on this instance (None: the class's own)."""
-    bound = module.__dict__.get("_old_forward" if hasattr(module, "_hf_hook") else "forward")
+    bound = module.__dict__.get(_forward_attr(module))
     return getattr(bound, "__func__", None)
 
 
@@ -414,11 +422,8 @@ def patch(model):
     configs = [(cfg, cfg._attn_implementation) for cfg in _text_configs(model)]
     for cfg, implementation in configs:
         if implementation == "eager":  # chosen on purpose: the one that returns attention weights
-            if "eager" not in _warned:
-                _warned.add("eager")
-                logger.warning("llama4_fast: the model's attention is 'eager', kept as chosen (output_attentions "
-                               "needs it); for the fast attention call model.set_attn_implementation('sdpa') "
-                               "before patch")
+            _warn_once("eager", "llama4_fast: the model's attention is 'eager', kept as chosen (output_attentions "
+                       "needs it); for the fast attention call model.set_attn_implementation('sdpa') before patch")
             continue
         cfg._attn_implementation = ATTN_IMPLEMENTATION
     setattr(model, _PATCH_STATE, (undo, configs))
