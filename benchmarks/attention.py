@@ -117,16 +117,13 @@ def run_case(label: str, fn, inputs, budget: common.Budget, probe: tuple, refere
     try:
         out = fn(*probe)
         if reference is None:
-            err = error_vs_math(out, *probe, chunk)
-            wrong = common.wrong_answer(err)
+            check = {"rel_err_vs_math": error_vs_math(out, *probe, chunk)}
+            wrong = common.wrong_answer(check["rel_err_vs_math"])
             if wrong:
-                return {"error": wrong, "rel_err_vs_math": err}, None
-        entry = {"us": common.time_us(lambda: fn(*inputs()))}
-        if reference is None:
-            entry["rel_err_vs_math"] = err
-        if reference is not None:
-            entry["rel_err_vs_ours"] = rel_err(out, reference)
-        return entry, out
+                return {"error": wrong, **check}, None
+        else:
+            check = {"rel_err_vs_ours": rel_err(out, reference)}
+        return {"us": common.time_us(lambda: fn(*inputs())), **check}, out
     except Exception as e:  # noqa: BLE001 - a failing baseline must not stop the run
         return _failure(label, e), None
 

@@ -167,6 +167,13 @@ def fp8_peak_tflops(dev: str, quick: bool) -> float | None:
     return 2 * m**3 / (t * 1e-6) / 1e12
 
 
+def fp8_ceilings(ceilings: dict) -> dict:
+    """The ceilings an FP8 GEMM is held to: the measured FP8 matmul peak as its compute ceiling
+    (ceilings["fp8_matmul_tflops"]), or the bf16 one where no FP8 peak was measured."""
+    peak = ceilings.get("fp8_matmul_tflops")
+    return dict(ceilings, matmul_tflops=peak) if peak else ceilings
+
+
 def roofline(us: float, bytes_moved: float, flops: float, ceilings: dict) -> dict:
     """Achieved rates and the fraction of the roofline: floor = max(bytes/BW, flops/peak)."""
     t = us * 1e-6

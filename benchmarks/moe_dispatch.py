@@ -42,7 +42,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (device, fp8_peak_tflops, markdown_table, measure_ceilings, rewrite_results, roofline,  # noqa: E402
+from common import (device, fp8_ceilings, fp8_peak_tflops, markdown_table, measure_ceilings, rewrite_results, roofline,  # noqa: E402
                     rotating, time_us, wrong_answer)
 
 from llama4_fast.backends import torch_ref  # noqa: E402
@@ -207,8 +207,13 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
         row["baseline_bytes"] = base_bytes
     # FP8 experts multiply in FP8 (activations quantized per token): ours' compute floor is the
     # measured FP8 peak where there is one.
-    fp8_peak = ceilings.get("fp8_matmul_tflops") if args.weights == "fp8" else None
-    ours_ceilings = dict(ceilings, matmul_tflops=fp8_peak) if fp8_peak else ceilings
+    ours_ceilings = fp8_ceilings(ceilings) if args.weights == "fp8" else ceilings
+
+    def failed(name, e):  # one failing implementation must not stop the run
+        row["errors"][name] = f"{type(e).__name__}: {e}"
+        print(f"    {name} failed at T={T}: {row['errors'][name]}", flush=True)
+        if args.verbose:
+            traceback.print_exc()
 
     def timed(name, fn):
         try:
@@ -216,28 +221,28 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
             t = time_us(lambda: fn(*next(cyc)), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
             row[f"{name}_us"] = t
             return t
-        except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the run
-            row["errors"][name] = f"{type(e).__name__}: {e}"
-            print(f"    {name} failed at T={T}: {row['errors'][name]}", flush=True)
-            if args.verbose:
-                traceback.print_exc()
+        except Exception as e:  # noqa: BLE001
+            failed(name, e)
             return None
 
-    t_ours = timed("ours", lambda x, lg: ours(x, lg, ours_w13, ours_w2, quant_kwargs=ours_kw))
-    if t_ours is not None:
-        # A number for a wrong answer is worthless: check ours against the loop baseline
-        # (quantized: the torch reference on the same quantized experts).
-        x0, lg0 = sets[0]
-        ref = (loop(x0, lg0, w13, w2) if quant is None else loop(x0, lg0, quant[0], quant[1])).float()
+    # A number for a wrong answer is worthless: ours is checked against the loop baseline
+    # (quantized: the torch reference on the same quantized experts) before it is timed.
+    t_ours = None
+    x0, lg0 = sets[0]
+    ref = (loop(x0, lg0, w13, w2) if quant is None else loop(x0, lg0, quant[0], quant[1])).float()
+    try:
         got = ours(x0, lg0, ours_w13, ours_w2, quant_kwargs=ours_kw).float()
+    except Exception as e:  # noqa: BLE001
+        failed("ours", e)
+    else:
         row["rel_err_vs_loop"] = ((got - ref).norm() / ref.norm()).item()
         wrong = wrong_answer(row["rel_err_vs_loop"])
         if wrong:
             row["errors"]["ours"] = wrong
-            del row["ours_us"]
-            t_ours = None
         else:
-            row.update({f"ours_{k}": v for k, v in roofline(t_ours, bytes_moved, flops, ours_ceilings).items()})
+            t_ours = timed("ours", lambda x, lg: ours(x, lg, ours_w13, ours_w2, quant_kwargs=ours_kw))
+    if t_ours is not None:
+        row.update({f"ours_{k}": v for k, v in roofline(t_ours, bytes_moved, flops, ours_ceilings).items()})
     row["roofline_us"] = roofline(1.0, bytes_moved, flops, ours_ceilings)["roofline_us"]  # time-independent
 
     # Routing overhead alone: what fused_moe adds before its GEMMs.

@@ -39,7 +39,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (L2_BYTES, Budget, device, fp8_peak_tflops, markdown_table, measure_ceilings,  # noqa: E402
+from common import (L2_BYTES, Budget, device, fp8_ceilings, fp8_peak_tflops, markdown_table, measure_ceilings,  # noqa: E402
                     rewrite_results, roofline, rotating, scaled_mm_available, time_us, wrong_answer)
 
 from llama4_fast.kernels import quant_matmul, quantize_fp8_activations  # noqa: E402
@@ -125,9 +125,9 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
                     traceback.print_exc()
                 continue
             row[f"{method}_us"] = t
-            # FP8 methods multiply in FP8: their compute floor is the measured FP8 peak, when there is one
-            fp8_peak = ceilings.get("fp8_matmul_tflops") if method in ("scaled_mm", "ours_fp8") else None
-            rl = roofline(t, bytes_moved, row["flops"], dict(ceilings, matmul_tflops=fp8_peak) if fp8_peak else ceilings)
+            # FP8 methods multiply in FP8: their compute floor is the measured FP8 peak
+            rl = roofline(t, bytes_moved, row["flops"],
+                          fp8_ceilings(ceilings) if method in ("scaled_mm", "ours_fp8") else ceilings)
             row.update({f"{method}_{k}": v for k, v in rl.items()})
         if "ours_fp8_us" in row and not budget.exhausted():  # same inputs, timed the same way
             row["fp8_act_quant_us"] = time_us(lambda: quantize_fp8_activations(nxt()[0]), warmup_ms=WARMUP_MS,
