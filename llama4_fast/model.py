@@ -368,8 +368,8 @@ class Llama4(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor | list[torch.Tensor], max_new_tokens: int, *,
-                 temperature: float = 0.0, top_k: int | None = None,
-                 eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None, prefill_piece: int | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | list[int] | None = None,
+                 generator: torch.Generator | None = None, prefill_piece: int | None = None,
                  cuda_graph: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Greedy (temperature=0) or sampled continuation of prompt [B, S] (or [S]), or of a
         list of 1-D prompts of different lengths, decoded as one left-padded batch and
