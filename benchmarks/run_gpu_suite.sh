@@ -16,10 +16,10 @@
 # The default run is one device call: every benchmark at a reduced size, the ones whose numbers
 # no committed result has yet first (e2e, quant_matmul, the FP8/INT4 MoE, attention, qk_prologue),
 # then the GPU tests (most kernels have never run on a GPU), then the bf16 MoE, hf_patch and
-# scaling, which session 1 measured (the suite's deadline cuts from the end). Each step has a time limit (the table
-# at the bottom; the benchmarks also stop at their --budget-s), and a suite deadline of 470 s
-# shortens or skips whatever would run past it, so the call ends within 8 minutes whatever a
-# step does. `all` and named steps run at full size with the longer limits and no deadline
+# scaling, which session 1 measured (the suite's deadline cuts from the end). Each step has a
+# time limit (the table at the bottom; the benchmarks also stop at their --budget-s), and a
+# suite deadline of 470 s shortens or skips whatever would run past it, so the call ends within
+# 8 minutes whatever a step does. `all` and named steps run at full size with the longer limits and no deadline
 # (about 17 minutes for everything).
 set -uo pipefail
 cd "$(dirname "$0")/.."
