@@ -445,57 +445,26 @@ class Llama4(nn.Module):
                 n = int(finished.int().argmax()) + 1
         return torch.cat([prompt, new[:, :n]], dim=1)
 
-    # -- construction ------------------------------------------------------------------------
+    # -- construction (llama4_fast.checkpoint) ------------------------------------------------
     @classmethod
     def from_hf(cls, hf_model) -> "Llama4":
-        """Build from a loaded transformers Llama4ForCausalLM / Llama4TextModel /
-        Llama4ForConditionalGeneration, sharing its parameters (no copy)."""
-        from llama4_fast.checkpoint import language_model_parameters
+        """Build from a loaded transformers Llama4ForCausalLM / Llama4ForConditionalGeneration
+        (or a Llama4TextModel whose config ties the embeddings), sharing its parameters (no copy)."""
+        from llama4_fast.checkpoint import from_hf_model
 
-        cfg = Llama4Config.from_hf(hf_model.config)
-        params = language_model_parameters(hf_model)
-        return _from_parameters(cfg, params, source=type(hf_model).__name__)
+        return from_hf_model(hf_model)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device = "cpu") -> "Llama4":
-        """Load config.json + safetensors (single file or sharded with an index) from a directory,
-        also the language-model half of a multimodal checkpoint. FP8 checkpoints (fbgemm_fp8,
-        compressed-tensors FP8-dynamic) load as stored: see llama4_fast.checkpoint."""
-        from llama4_fast.checkpoint import load_safetensors, quantization_config, quantized_modules
+        """Load config.json + safetensors (model.safetensors, or the shards an index names) from a
+        directory, also the language-model half of a multimodal checkpoint; dtype defaults to
+        config.json's. FP8 checkpoints (fbgemm_fp8, compressed-tensors FP8-dynamic) load as
+        stored. Everything is checked against the config before any weight is read: see
+        llama4_fast.checkpoint.load_pretrained."""
+        from llama4_fast.checkpoint import load_pretrained
 
-        cfg = Llama4Config.from_hf(path)
-        qcfg = quantization_config(path)
-        params = load_safetensors(path, dtype=dtype or cfg.dtype(), device=device)
-        modules = quantized_modules(params, qcfg) if qcfg is not None else {}
-        return _from_parameters(cfg, params, source=str(path), modules=modules)
-
-
-def _from_parameters(cfg: Llama4Config, params: dict[str, torch.Tensor], source: str,
-                     modules: dict[str, nn.Module] | None = None) -> Llama4:
-    """The model with `params` as its parameters; `modules` (name -> module, e.g. quantized
-    experts) replace the model's own submodules first."""
-    with torch.device("meta"):
-        model = Llama4(cfg)
-    for name, module in (modules or {}).items():
-        parent, _, attr = name.rpartition(".")
-        if not isinstance(getattr(model.get_submodule(parent), attr, None), nn.Module):
-            raise ValueError(f"{source}: quantized weights for {name}, which the model does not have")
-        setattr(model.get_submodule(parent), attr, module)
-    if "lm_head.weight" not in params and cfg.tie_word_embeddings:
-        params["lm_head.weight"] = params["embed_tokens.weight"]
-    expected = {name for name, _ in model.named_parameters()}
-    missing, unexpected = expected - params.keys(), params.keys() - expected
-    if missing or unexpected:
-        raise ValueError(f"weights from {source} do not match the config: missing {sorted(missing)[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {sorted(unexpected)[:8]}")
-    for name, tensor in params.items():
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        setattr(module, attr, tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False))
-    ref = params["embed_tokens.weight"]
-    model.inv_freq = rope_inv_freq(cfg).to(ref.device)
-    return model.eval()
+        return load_pretrained(path, dtype=dtype, device=device)
 
 
 class DecodeStep:
