@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from llama4_fast import ops
+from llama4_fast.transaction import Changes, all_or_nothing
 
 logger = logging.getLogger("llama4_fast")
 ATTN_IMPLEMENTATION = "llama4_fast"
@@ -372,13 +373,9 @@ def _forward_attr(module) -> str:
     return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
 
-def _set_forward(module, fn):
-    """Replace one module instance's forward (see _forward_attr); returns how to undo it."""
-    attr = _forward_attr(module)
-    had_own = attr in module.__dict__
-    previous = module.__dict__.get(attr)
-    setattr(module, attr, types.MethodType(fn, module))
-    return module, attr, had_own, previous
+def _set_forward(changes: Changes, module, fn):
+    """Replace one module instance's forward (see _forward_attr) through the undo log."""
+    changes.set(module, _forward_attr(module), types.MethodType(fn, module))
 
 
 def _instance_forward(module):
@@ -394,7 +391,9 @@ def _text_configs(model):
 
 def patch(model):
     """Patch a loaded Llama4ForCausalLM, Llama4TextModel or Llama4ForConditionalGeneration in
-    place and return it. Patching twice is a no-op; `unpatch` restores it exactly."""
+    place and return it. Patching twice is a no-op; `unpatch` restores it exactly. All or
+    nothing: if any step fails (an fbgemm module without its scales, an interrupt), the model
+    is left exactly as it was."""
     m = _llama4_classes()
     if not isinstance(model, (m.Llama4ForCausalLM, m.Llama4TextModel, m.Llama4ForConditionalGeneration)):
         raise TypeError(f"model must be a transformers Llama4ForCausalLM, Llama4TextModel or "
@@ -408,41 +407,31 @@ def patch(model):
         raise ValueError(f"part of this model ({inside or 'the model itself'}) is already patched through another "
                          "model object holding it; unpatch that one first")
     _register_attention()
-    undo = []
-    for module in model.modules():
-        fn = forwards.get(type(module))
-        if fn is not None:
-            undo.append(_set_forward(module, fn))
-        kind = type(module).__name__
-        if kind in ("FbgemmFp8Linear", "FbgemmFp8Llama4TextExperts"):
-            setattr(module, _FP8_WEIGHTS, _fbgemm_weights(module))
-            undo.append((module, _FP8_WEIGHTS, False, None))
-            if kind == "FbgemmFp8Linear":
-                undo.append(_set_forward(module, _fp8_linear_forward))
-    configs = [(cfg, cfg._attn_implementation) for cfg in _text_configs(model)]
-    for cfg, implementation in configs:
-        if implementation == "eager":  # chosen on purpose: the one that returns attention weights
-            _warn_once("eager", "llama4_fast: the model's attention is 'eager', kept as chosen (output_attentions "
-                       "needs it); for the fast attention call model.set_attn_implementation('sdpa') before patch")
-            continue
-        cfg._attn_implementation = ATTN_IMPLEMENTATION
-    setattr(model, _PATCH_STATE, (undo, configs))
+    with all_or_nothing() as changes:
+        for module in model.modules():
+            fn = forwards.get(type(module))
+            if fn is not None:
+                _set_forward(changes, module, fn)
+            kind = type(module).__name__
+            if kind in ("FbgemmFp8Linear", "FbgemmFp8Llama4TextExperts"):
+                changes.set(module, _FP8_WEIGHTS, _fbgemm_weights(module))
+                if kind == "FbgemmFp8Linear":
+                    _set_forward(changes, module, _fp8_linear_forward)
+        for cfg in _text_configs(model):
+            if cfg._attn_implementation == "eager":  # chosen on purpose: the one that returns attention weights
+                _warn_once("eager", "llama4_fast: the model's attention is 'eager', kept as chosen (output_attentions "
+                           "needs it); for the fast attention call model.set_attn_implementation('sdpa') before patch")
+                continue
+            changes.set(cfg, "_attn_implementation", ATTN_IMPLEMENTATION)
+        changes.set(model, _PATCH_STATE, changes)  # unpatch rolls the log back, this entry last
     return model
 
 
 def unpatch(model):
     """Undo `patch(model)`; a model that was not patched is returned unchanged."""
-    state = model.__dict__.pop(_PATCH_STATE, None)
-    if state is None:
-        return model
-    undo, configs = state
-    for module, attr, had_own, previous in undo:
-        if had_own:
-            setattr(module, attr, previous)
-        else:
-            delattr(module, attr)
-    for cfg, implementation in configs:
-        cfg._attn_implementation = implementation
+    state = model.__dict__.get(_PATCH_STATE)
+    if state is not None:
+        state.rollback()
     return model
 
 

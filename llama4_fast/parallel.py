@@ -42,8 +42,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from llama4_fast import ops
-from llama4_fast.model import Llama4, MoE
+from llama4_fast.model import Experts, Llama4, MoE
 from llama4_fast.quant_model import QuantExperts
+from llama4_fast.transaction import all_or_nothing
 
 # What must agree across ranks before sharding; checked with one all_gather.
 _CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "intermediate_size_mlp", "num_hidden_layers",
@@ -85,15 +86,18 @@ class ExpertParallelMoE(nn.Module):
         self.overlap_shared = overlap_shared
         self.router = moe.router
         self.shared_expert = moe.shared_expert
-        self.experts = moe.experts
+        # This rank's experts as a new module: `moe` itself stays whole, so that shard_experts can
+        # put it back if a later layer fails.
         local = slice(self.first_expert, self.first_expert + self.experts_per_rank)
-        if isinstance(self.experts, QuantExperts):  # FP8 / INT4 (quantize, or an FP8 checkpoint)
-            self.experts = QuantExperts(_local_experts(self.experts.gate_up_proj, local),
-                                        _local_experts(self.experts.down_proj, local))
+        if isinstance(moe.experts, QuantExperts):  # FP8 / INT4 (quantize, or an FP8 checkpoint)
+            self.experts = QuantExperts(_local_experts(moe.experts.gate_up_proj, local),
+                                        _local_experts(moe.experts.down_proj, local))
         else:
-            for name in ("gate_up_proj", "down_proj"):
-                full = getattr(self.experts, name).detach()
-                setattr(self.experts, name, nn.Parameter(full[local].clone(), requires_grad=False))
+            full_gu, full_down = moe.experts.gate_up_proj.detach(), moe.experts.down_proj.detach()
+            with torch.device("meta"):  # the shapes only; the parameters come next
+                self.experts = Experts(self.experts_per_rank, full_gu.shape[1], full_down.shape[1])
+            self.experts.gate_up_proj = nn.Parameter(full_gu[local].clone(), requires_grad=False)
+            self.experts.down_proj = nn.Parameter(full_down[local].clone(), requires_grad=False)
 
     def extra_repr(self) -> str:
         return (f"experts {self.first_expert}..{self.first_expert + self.experts_per_rank - 1} of {self.n_experts}, "
@@ -176,7 +180,8 @@ def shard_experts(model: Llama4, group=None, *, overlap_shared: bool = True) -> 
     Call on every rank of the group, with the same model. Returns the model.
 
     Quantized experts (`llama4_fast.quantize`, or an FP8 checkpoint) are sharded in their format.
-    Raises ValueError on every rank when the ranks' models differ (config fields or expert
+    All or nothing: a failure part-way leaves every layer as it was (the full expert stacks are
+    freed when the call completes). Raises ValueError on every rank when the ranks' models differ (config fields or expert
     dtype/format) or when the world size does not divide the number of experts.
     """
     if not isinstance(model, Llama4):
@@ -190,9 +195,10 @@ def shard_experts(model: Llama4, group=None, *, overlap_shared: bool = True) -> 
         raise ValueError(f"world size {world} does not divide num_local_experts={n_experts}: expert parallelism "
                          f"gives every rank the same number of experts (use a world size among "
                          f"{[w for w in range(1, n_experts + 1) if n_experts % w == 0]})")
-    for layer in model.layers:
-        if isinstance(layer.feed_forward, MoE):
-            layer.feed_forward = ExpertParallelMoE(layer.feed_forward, group, overlap_shared)
+    with all_or_nothing() as changes:  # a failure (out of memory, Ctrl-C) puts every layer back
+        for layer in model.layers:
+            if isinstance(layer.feed_forward, MoE):
+                changes.set(layer, "feed_forward", ExpertParallelMoE(layer.feed_forward, group, overlap_shared))
     return model
 
 
