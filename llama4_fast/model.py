@@ -21,6 +21,7 @@ and replays it per token.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,8 +306,13 @@ class Llama4(nn.Module):
         c - pad[b], and columns at negative positions are never attended (a batch of prompts
         of different lengths, right-aligned). The same pad must be passed for every call on
         the same caches. last_only=True returns logits for the last column only, [B, 1, vocab]."""
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [B, S], got shape {tuple(tokens.shape)}")
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an int64 [B, S] tensor of ids, got {getattr(tokens, 'dtype', tokens)} "
+                             f"{tuple(getattr(tokens, 'shape', ()))}")
+        # a host read: checked on CPU only (on CUDA an id past the vocabulary would fault the
+        # embedding; generate checks its prompt once instead of syncing every step)
+        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_token_ids("tokens", tokens, self.config.vocab_size)
         B, S = tokens.shape
         decode = isinstance(start_pos, torch.Tensor)
         if decode:
@@ -346,10 +352,11 @@ class Llama4(nn.Module):
         """Run a prompt [B, S] through the caches in pieces of at most `piece` tokens (default:
         the attention chunk, 8192 for Llama 4), so activations stay bounded on long prompts;
         returns the last column's logits [B, vocab]. pad: left padding, as in `forward`."""
-        piece = piece or self.config.attention_chunk_size or 8192
-        if piece < 1:
-            raise ValueError(f"piece must be >= 1, got {piece}")
+        _positive_int("piece", piece, allow_none=True)
+        piece = piece if piece is not None else self.config.attention_chunk_size or 8192
         S = tokens.shape[1]
+        if S == 0:
+            raise ValueError("tokens must hold at least one position to prefill, got [B, 0]")
         for s0 in range(0, S, piece):
             logits = self(tokens[:, s0:s0 + piece], start_pos + s0, last_only=True, pad=pad)
         return logits[:, -1]
@@ -372,8 +379,7 @@ class Llama4(nn.Module):
                  generator: torch.Generator | None = None, prefill_piece: int | None = None,
                  cuda_graph: bool | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Greedy (temperature=0) or sampled continuation of prompt [B, S] (or [S]), or of a
-        list of 1-D prompts of different lengths, decoded as one left-padded batch and
-        returned as a list of 1-D tensors (prompt + its new tokens).
+        list of 1-D prompts of different lengths, decoded as one left-padded batch.
 
         The prompt is prefilled in pieces (see `prefill`); each new token is one `decode_step`
         (a CUDA-graph replay on the GPU). Tokens stay on the device: the host reads nothing
@@ -381,19 +387,23 @@ class Llama4(nn.Module):
         Caches are reused when large enough for B x (S + max_new_tokens).
 
         eos_token_id: one id or several (Llama 4's configs list three): a sequence ends at any.
-        Returns [B, S + n] with n <= max_new_tokens (fewer once every sequence emitted eos;
-        sequences that finished early are padded with the first eos id)."""
+        Returns, for a tensor prompt, [B, S + n] with n <= max_new_tokens (fewer once every
+        sequence emitted eos; sequences that finished earlier are padded with the first eos id),
+        or [S + n] for a 1-D prompt; for a list, a list of 1-D tensors, each its prompt and its
+        new tokens up to and including its own eos: the same as decoding it alone.
+        Every argument is checked first (`check_generate_args`), token ids included."""
+        check_generate_args(self.config.vocab_size, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                            eos_token_id=eos_token_id, generator=generator, prefill_piece=prefill_piece,
+                            cuda_graph=cuda_graph)
         options = dict(temperature=temperature, top_k=top_k, eos_token_id=eos_token_id, generator=generator,
                        prefill_piece=prefill_piece, cuda_graph=cuda_graph)
         if isinstance(prompt, (list, tuple)):
             return self._generate_padded(list(prompt), max_new_tokens, **options)
         if prompt.dim() == 1:
-            return self.generate(prompt[None], max_new_tokens, **options)[0]
+            return self._generate(prompt[None], max_new_tokens, None, **options)[0]
         return self._generate(prompt, max_new_tokens, None, **options)
 
     def _generate_padded(self, prompts: list[torch.Tensor], max_new_tokens: int, **options) -> list[torch.Tensor]:
-        if not prompts or any(p.dim() != 1 or p.numel() == 0 for p in prompts):
-            raise ValueError("prompt as a list must hold non-empty 1-D token tensors")
         lengths = [p.numel() for p in prompts]
         S = max(lengths)
         batch = prompts[0].new_zeros(len(prompts), S)  # token 0 in the padding; never attended
@@ -401,24 +411,20 @@ class Llama4(nn.Module):
             batch[b, S - lengths[b]:] = p
         pad = torch.tensor([S - n for n in lengths], dtype=torch.int64, device=batch.device)
         out = self._generate(batch, max_new_tokens, pad, **options)
-        return [row[S - n:] for row, n in zip(out, lengths)]
+        ends = [out.shape[1]] * len(prompts)
+        eos = options["eos_token_id"]
+        if eos is not None:  # each sequence ends at its own first eos, not the batch's last
+            hits = torch.isin(out[:, S:], torch.tensor(eos, device=out.device).reshape(-1))
+            ends = [S + int(h.int().argmax()) + 1 if bool(h.any()) else out.shape[1] for h in hits]
+        return [row[S - n:end] for row, n, end in zip(out, lengths, ends)]
 
     def _generate(self, prompt: torch.Tensor, max_new_tokens: int, pad: torch.Tensor | None, *,
                   temperature: float, top_k: int | None, eos_token_id: int | list[int] | None,
                   generator: torch.Generator | None, prefill_piece: int | None,
                   cuda_graph: bool | None) -> torch.Tensor:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be None or >= 1, got {top_k}")
         eos = None
         if eos_token_id is not None:
-            eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
-                               dtype=prompt.dtype, device=prompt.device).reshape(-1)
-            if eos.numel() == 0:
-                raise ValueError("eos_token_id must be an id, a non-empty list of ids, or None")
+            eos = torch.tensor(eos_token_id, dtype=prompt.dtype, device=prompt.device).reshape(-1)
         B, S = prompt.shape
         if self.max_batch_size < B or self.max_seq_len < S + max_new_tokens:
             self.setup_caches(B, S + max_new_tokens)
@@ -522,6 +528,59 @@ class DecodeStep:
             self.graph = graph
         self.graph.replay()
         return self.logits
+
+
+def _positive_int(name: str, value, allow_none: bool = False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}>= 1, got {value}")
+
+
+def check_token_ids(name: str, tokens: torch.Tensor, vocab_size: int):
+    """tokens: an integer tensor of ids in [0, vocab_size) (its range read on the host)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must hold int64 (or int32) token ids, got {tokens.dtype}")
+    if tokens.numel() and not bool(((tokens >= 0) & (tokens < vocab_size)).all()):
+        raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab_size}): "
+                         f"min {int(tokens.min())}, max {int(tokens.max())}")
+
+
+def check_generate_args(vocab_size: int, prompt, max_new_tokens, *, temperature=0.0, top_k=None, eos_token_id=None,
+                        generator=None, prefill_piece=None, cuda_graph=None):
+    """Every argument of `Llama4.generate`, checked before any work (the CLI checks its own
+    options through it too): a ValueError/TypeError naming the argument, never a late crash."""
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise ValueError("prompt is an empty list: give at least one prompt")
+        for i, p in enumerate(prompt):
+            check_token_ids(f"prompt[{i}]", p, vocab_size)
+            if p.dim() != 1 or p.numel() == 0:
+                raise ValueError(f"prompt[{i}] must be a non-empty 1-D tensor of ids, got shape {tuple(p.shape)}")
+            if p.device != prompt[0].device:
+                raise ValueError(f"prompt[{i}] is on {p.device} but prompt[0] on {prompt[0].device}")
+    else:
+        check_token_ids("prompt", prompt, vocab_size)
+        if prompt.dim() not in (1, 2) or 0 in prompt.shape:
+            raise ValueError(f"prompt must be a non-empty [S] or [B, S] tensor of ids, got shape {tuple(prompt.shape)}")
+    _positive_int("max_new_tokens", max_new_tokens)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    _positive_int("top_k", top_k, allow_none=True)
+    _positive_int("prefill_piece", prefill_piece, allow_none=True)
+    if eos_token_id is not None:
+        ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+        if not ids or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"eos_token_id must be an id or a non-empty list of ids in [0, {vocab_size}), "
+                             f"got {eos_token_id!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if cuda_graph not in (None, True, False):
+        raise TypeError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

@@ -141,7 +141,7 @@ def test_model_errors(hf):
     model = Llama4.from_hf(hf)
     with pytest.raises(ValueError, match="needs a KV cache"):
         model(torch.randint(3, 1024, (1, 4)), 5)
-    with pytest.raises(ValueError, match=r"tokens must be \[B, S\]"):
+    with pytest.raises(ValueError, match=r"tokens must be an int64 \[B, S\] tensor"):
         model(torch.randint(3, 1024, (4,)))
     model.setup_caches(1, 8)
     with pytest.raises(ValueError, match="exceed the caches"):
@@ -259,3 +259,42 @@ def test_padded_prefill_and_decode_logits(hf):
         model(batch, 0, pad=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="non-empty 1-D"):
         model.generate([prompts[0], torch.tensor([], dtype=torch.long)], 3)
+
+
+@pytest.mark.parametrize("prompt, kwargs, error, what", [
+    (torch.tensor([], dtype=torch.long), {}, ValueError, r"prompt must be a non-empty \[S\] or \[B, S\]"),
+    (torch.zeros(2, 0, dtype=torch.long), {}, ValueError, "prompt must be a non-empty"),
+    ([], {}, ValueError, "prompt is an empty list"),
+    (torch.tensor([[5, 1024]]), {}, ValueError, r"prompt holds token ids outside the vocabulary \[0, 1024\)"),
+    (torch.tensor([[5, -1]]), {}, ValueError, "outside the vocabulary"),
+    (torch.tensor([[5.0, 6.0]]), {}, TypeError, "prompt must hold int64"),
+    ([torch.tensor([5, 6]), torch.tensor([7, 2000])], {}, ValueError, r"prompt\[1\] holds token ids outside"),
+    (torch.tensor([[5, 6]]), dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
+    (torch.tensor([[5, 6]]), dict(max_new_tokens=None), TypeError, "max_new_tokens must be an int"),
+    (torch.tensor([[5, 6]]), dict(temperature=float("nan")), ValueError, "temperature must be a finite number"),
+    (torch.tensor([[5, 6]]), dict(temperature=-1.0), ValueError, "temperature must be a finite number"),
+    (torch.tensor([[5, 6]]), dict(prefill_piece=0), ValueError, "prefill_piece must be None or >= 1"),
+    (torch.tensor([[5, 6]]), dict(eos_token_id=[5000, 2]), ValueError, r"eos_token_id must be .* in \[0, 1024\)"),
+    (torch.tensor([[5, 6]]), dict(eos_token_id=-1), ValueError, "eos_token_id must be"),
+    (torch.tensor([[5, 6]]), dict(generator=0), TypeError, "generator must be a torch.Generator"),
+])
+def test_generate_checks_every_argument_first(hf, prompt, kwargs, error, what):
+    model = Llama4.from_hf(hf)
+    kwargs = dict(dict(max_new_tokens=3), **kwargs)
+    with pytest.raises(error, match=what):
+        model.generate(prompt, kwargs.pop("max_new_tokens"), **kwargs)
+    assert model.max_batch_size == 0  # refused before the caches were set up
+
+
+@torch.no_grad()
+def test_a_padded_batch_cuts_each_sequence_at_its_own_eos(hf):
+    """Each sequence of a list ends at its own first eos, as it does decoded alone, not at the
+    batch's last (it used to come back padded with eos to the batch's length)."""
+    model = Llama4.from_hf(hf)
+    prompts = [torch.randint(3, 1024, (n,)) for n in (6, 11)]
+    greedy = [model.generate(p, 24) for p in prompts]
+    eos = int(greedy[0][6 + 4])  # sequence 0 emits it early; sequence 1 later or never
+    together = model.generate(prompts, 24, eos_token_id=eos)
+    for p, t in zip(prompts, together):
+        assert torch.equal(t, model.generate(p, 24, eos_token_id=eos))
+    assert together[0].numel() <= 6 + 5 and int(together[0][-1]) == eos
