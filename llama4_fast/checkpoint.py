@@ -354,24 +354,34 @@ def model_dtype(dtype, cfg) -> torch.dtype:
     return dtype
 
 
-def load_pretrained(path: str | Path, *, dtype=None, device: str | torch.device = "cpu"):
-    """`Llama4.from_pretrained`: config.json and the safetensors files of a directory. Every
-    check runs before anything is read but file headers: the config (`Llama4Config.from_hf`),
-    the files (`safetensors_files`), the tensor names (`stored_tensors`), then the whole load
-    on meta tensors (shapes against the config, dtypes, quantized layouts)."""
+def check_checkpoint(path: str | Path):
+    """Check a checkpoint directory without reading any weight: the config
+    (`Llama4Config.from_hf`), the files (`safetensors_files`), the tensor names
+    (`stored_tensors`), then the whole load on meta tensors (shapes against the config,
+    dtypes, quantized layouts). Returns (config, quantization_config or None, stored tensors).
+    `load_pretrained` and the command line run it first."""
     from llama4_fast.config import Llama4Config
 
     path = checkpoint_dir(path)
     cfg = Llama4Config.from_hf(path)
-    dtype = model_dtype(dtype, cfg)
-    device = torch.device(device)
     qcfg = quantization_config(path)
     stored = stored_tensors(path)
-    origin = {name: t.file.name for name, t in stored.items()}
     dry = meta_tensors(stored)
-    build_model(cfg, dry, quantized_modules(dry, qcfg) if qcfg else {}, str(path), origin)
-    params = load_tensors(stored, dtype=dtype, device=device)
-    return build_model(cfg, params, quantized_modules(params, qcfg) if qcfg else {}, str(path), origin)
+    build_model(cfg, dry, quantized_modules(dry, qcfg) if qcfg else {}, str(path), _origin(stored))
+    return cfg, qcfg, stored
+
+
+def _origin(stored: dict[str, StoredTensor]) -> dict[str, str]:
+    return {name: t.file.name for name, t in stored.items()}
+
+
+def load_pretrained(path: str | Path, *, dtype=None, device: str | torch.device = "cpu"):
+    """`Llama4.from_pretrained`: config.json and the safetensors files of a directory, read
+    only after `check_checkpoint` passed."""
+    cfg, qcfg, stored = check_checkpoint(path)
+    dtype = model_dtype(dtype, cfg)
+    params = load_tensors(stored, dtype=dtype, device=torch.device(device))
+    return build_model(cfg, params, quantized_modules(params, qcfg) if qcfg else {}, str(path), _origin(stored))
 
 
 def from_hf_model(hf_model):
