@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -297,7 +298,7 @@ def _replace(changes: Changes, model: nn.Module, name: str, new: nn.Module):
 
 def save_quantized(model: nn.Module, path: str | Path):
     """Write the whole state dict as `model.safetensors` and the quantized modules' formats as
-    `quantization.json` under the directory `path`."""
+    `quantization.json` under the directory `path` (replacing what a directory held)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -322,9 +323,14 @@ def save_quantized(model: nn.Module, path: str | Path):
         if key in seen:
             tensors[k] = v.clone()
         seen[key] = k
-    save_file(tensors, str(path / "model.safetensors"))
+    # Written beside, then renamed: an interrupted save leaves no manifest (a clear error on
+    # load), never a manifest that belongs to other tensors.
     manifest = {"format": "llama4_fast", "modules": formats, "transposed": transposed}
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    save_file(tensors, str(path / "model.safetensors.partial"))
+    (path / (MANIFEST + ".partial")).write_text(json.dumps(manifest, indent=1) + "\n")
+    (path / MANIFEST).unlink(missing_ok=True)
+    os.replace(path / "model.safetensors.partial", path / "model.safetensors")
+    os.replace(path / (MANIFEST + ".partial"), path / MANIFEST)
 
 
 @torch.no_grad()
