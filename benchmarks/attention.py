@@ -24,8 +24,15 @@ bytes that must move (K and V of the visible keys, q and out), % of the measured
 bandwidth. Baseline: sdpa over the whole cache (global) or the current chunk's slice (chunked).
 
 Every case is wrapped: a baseline that fails prints an error row and the run goes on; cases
-that would not fit memory or the time budget (--budget-s) print '-'. Each baseline's output is
-checked against ours (relative error, in the JSON) so the comparison is like for like.
+that would not fit memory or the time budget (--budget-s) print '-'.
+
+Answers are checked on a subset of query rows (check_rows: the first and last rows, rows spread
+between, and the rows around every chunk start), cheap at 128k. Ours is checked first, against
+the fp32 definition (scores, mask, softmax) on those rows: a wrong answer is recorded instead
+of a time, and the script exits 1 once every table and the JSON are out (as when ours raises).
+Each baseline is checked against ours on the same rows: one past common.WRONG_REL_ERR is
+flagged (`disagrees` column, JSON) and still timed, and the exit status stays 0 (ours matched
+the definition, so the baseline is the suspect); tests/test_benchmarks.py fails on it.
 """
 
 from __future__ import annotations
@@ -69,34 +76,76 @@ def visible_pairs(S: int, chunk: int | None) -> int:
     return full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor, rows: int = 2048) -> float:
-    """||a - b|| / ||b|| over the last `rows` queries (the longest rows; bounds the fp32 copies)."""
-    a, b = a[..., -rows:, :].float(), b[..., -rows:, :].float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+def check_rows(Sq: int, S: int, chunk: int | None, edge: int = 16, spread: int = 64) -> torch.Tensor:
+    """Indices of the query rows whose answers are checked, for Sq queries at the last Sq of S
+    positions: the first and last `edge` rows, `spread` rows evenly between, and around every
+    chunk start in range the rows before, at and after it (a wrong chunk bound changes only
+    those rows' keys). A few hundred rows at most, so a 128k prefill checks cheaply."""
+    first = S - Sq  # position of query row 0
+    picks = [torch.arange(min(edge, Sq)), torch.arange(max(Sq - edge, 0), Sq),
+             torch.linspace(0, Sq - 1, min(spread, Sq)).round().long()]
+    if chunk:
+        lo = -(-first // chunk) * chunk  # the first chunk start at or after row 0's position
+        starts = torch.arange(lo, max(lo, S), chunk) - first  # rows at a chunk start
+        picks += [starts - 1, starts, starts + 1]
+    return torch.cat(picks).clamp(0, Sq - 1).unique()
 
 
 @torch.no_grad()
-def error_vs_math(out, q, k, v, chunk: int | None, rows: int = 16, batches: int = 2) -> float:
-    """||out - ref|| / ||ref|| over the last `rows` queries of the first `batches` sequences, ref
-    computed in fp32 from the definition (scores, causal/chunk mask, softmax), one KV head at a
-    time: a check of ours that depends on no kernel it is compared with. The queries are the
-    last Sq of the S keys, as in every case here."""
+def error_vs_math(out, q, k, v, chunk: int | None, rows: torch.Tensor | None = None, batches: int = 2) -> float:
+    """||out - ref|| / ||ref|| over the query `rows` (default check_rows) of the first `batches`
+    sequences, ref computed in fp32 from the definition (scores, causal/chunk mask, softmax), one
+    KV head at a time: a check of ours that depends on no kernel it is compared with. The
+    queries are the last Sq of the S keys, as in every case here. out, q: [B, Hq, Sq, D];
+    k, v: [B, Hkv, S, D]."""
     B, hq, Sq, D = q.shape
     hkv, S = k.shape[1], k.shape[2]
-    group, n = hq // hkv, min(rows, Sq)
-    pos = torch.arange(S - n, S, device=q.device)[:, None]
+    rows = (check_rows(Sq, S, chunk) if rows is None else rows).to(q.device)
+    group = hq // hkv
+    pos = (S - Sq + rows)[:, None]
     keys = torch.arange(S, device=q.device)[None]
     visible = (keys <= pos) & ((keys // chunk == pos // chunk) if chunk else True)  # [n, S]
     num = den = 0.0
     for b in range(min(B, batches)):
         for h in range(hkv):
-            qs = q[b, h * group:(h + 1) * group, -n:].float()  # [group, n, D]
+            heads = slice(h * group, (h + 1) * group)
+            qs = q[b, heads, rows].float()  # [group, n, D]
             kh, vh = k[b, h].float(), v[b, h].float()  # [S, D]
             scores = (qs @ kh.t() * D ** -0.5).masked_fill(~visible, float("-inf"))
             ref = torch.softmax(scores, dim=-1) @ vh
-            num += (out[b, h * group:(h + 1) * group, -n:].float() - ref).square().sum().item()
+            num += (out[b, heads, rows].float() - ref).square().sum().item()
             den += ref.square().sum().item()
     return (num / max(den, 1e-30)) ** 0.5
+
+
+class Answers:
+    """The answer checks of one case, on the query rows `rows` (check_rows) of its probe set:
+    ours against the fp32 definition (error_vs_math), each baseline against ours' answer."""
+
+    def __init__(self, probe: tuple, chunk: int | None):
+        self.probe, self.chunk = probe, chunk
+        self.rows = check_rows(probe[0].shape[2], probe[1].shape[2], chunk).to(probe[0].device)
+        self.ours_out = None  # ours' answer on the probe set, once it passed
+
+    def ours(self, out) -> dict:
+        """A wrong answer is an error: not timed, and the run fails."""
+        err = error_vs_math(out, *self.probe, self.chunk, self.rows)
+        wrong = common.wrong_answer(err)
+        if wrong is None:
+            self.ours_out = out
+        return {"rel_err_vs_math": err, **({"error": wrong} if wrong else {})}
+
+    def baseline(self, out) -> dict:
+        """Past WRONG_REL_ERR from ours (from the definition when ours has no answer) a baseline
+        is flagged ("disagrees") and still timed."""
+        if self.ours_out is None:
+            key, against = "rel_err_vs_math", "the fp32 definition"
+            err = error_vs_math(out, *self.probe, self.chunk, self.rows)
+        else:
+            key, against = "rel_err_vs_ours", "ours"
+            err = common.rel_err(out[:, :, self.rows], self.ours_out[:, :, self.rows])
+        flag = common.disagreement(err, against)
+        return {key: err, **({"disagrees": flag} if flag else {})}
 
 
 def _failure(label: str, e: Exception) -> dict:
@@ -107,25 +156,19 @@ def _failure(label: str, e: Exception) -> dict:
     return {"error": msg}
 
 
-def run_case(label: str, fn, inputs, budget: common.Budget, probe: tuple, reference=None, chunk=None):
-    """-> (entry, fn(*probe)): entry has the median us of fn(*inputs()) (rotating sets) and the
-    relative error of fn(*probe) against `reference` (ours on the same probe set), or an error
-    once failed or out of budget. Without a reference (ours), the answer is first checked
-    against the fp32 definition (error_vs_math, layer chunk `chunk`): a wrong one is not timed."""
+def run_case(label: str, fn, inputs, budget: common.Budget, probe: tuple, check) -> dict:
+    """The entry of one implementation: the median us of fn(*inputs()) (rotating sets) with the
+    fields of `check(fn(*probe))` (Answers.ours or .baseline), or an error once failed, out of
+    budget, or wrong (a check that returns an error: not timed)."""
     if budget.exhausted():
-        return {"error": "skipped: time budget"}, None
+        return {"error": "skipped: time budget"}
     try:
-        out = fn(*probe)
-        if reference is None:
-            check = {"rel_err_vs_math": error_vs_math(out, *probe, chunk)}
-            wrong = common.wrong_answer(check["rel_err_vs_math"])
-            if wrong:
-                return {"error": wrong, **check}, None
-        else:
-            check = {"rel_err_vs_ours": rel_err(out, reference)}
-        return {"us": common.time_us(lambda: fn(*inputs())), **check}, out
+        entry = check(fn(*probe))
+        if "error" in entry:
+            return entry
+        return {"us": common.time_us(lambda: fn(*inputs())), **entry}
     except Exception as e:  # noqa: BLE001 - a failing baseline must not stop the run
-        return _failure(label, e), None
+        return _failure(label, e)
 
 
 class Flex:
@@ -175,18 +218,19 @@ def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:
                 return chunked_attention(q, k, v, chunk_size=chunk)
 
             probe = inputs()
-            ours, reference = run_case("ours", ours_fn, inputs, budget, probe, chunk=chunk)
+            answers = Answers(probe, chunk)
+            ours = run_case("ours", ours_fn, inputs, budget, probe, answers.ours)
             if chunk is None:
                 def sdpa(q, k, v):
                     with sdpa_kernel(fused) if device == "cuda" else contextlib.nullcontext():
                         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                base = run_case("sdpa", sdpa, inputs, budget, probe, reference)[0]
+                base = run_case("sdpa", sdpa, inputs, budget, probe, answers.baseline)
                 with sdpa_kernel(fused) if device == "cuda" else contextlib.nullcontext():
                     base["backend"] = sdpa_backend.torch_choice(*probe)  # which fused kernel that was
             elif S <= SDPA_DENSE_MAX:
                 try:
                     base = run_case("sdpa", _dense_mask_sdpa(probe, S, chunk, hq // hkv, device), lambda: probe,
-                                    budget, probe, reference)[0]
+                                    budget, probe, answers.baseline)
                 except Exception as e:  # noqa: BLE001 - e.g. out of memory building the mask
                     base = _failure("sdpa", e)
             else:
@@ -194,7 +238,7 @@ def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:
             rows.append({"S": S, "layer": layer, "flops": 4 * D * visible_pairs(S, chunk) * hq, "bytes": set_bytes,
                          "op_backend": registry.select("attention", *probe, chunk_size=chunk).name,
                          "ours": ours, "baselines": {"sdpa": base},
-                         "_pending": (chunk, inputs, probe, reference)})
+                         "_pending": (chunk, inputs, probe, answers)})
             _rates(rows[-1], ceilings)
     return rows
 
@@ -207,7 +251,7 @@ def run_flex(rows: list[dict], flex: Flex, device, ceilings, budget) -> None:
     """flex_attention on the prefill cases, last: its compile time is the budget's unknown."""
     compiled = False
     for row in rows:
-        chunk, inputs, probe, reference = row.pop("_pending")
+        chunk, inputs, probe, answers = row.pop("_pending")
         if budget.left() < (FLEX_NEXT_S if compiled else FLEX_FIRST_S):
             row["baselines"]["flex"] = {"error": "skipped: time budget"}
             continue
@@ -221,12 +265,12 @@ def run_flex(rows: list[dict], flex: Flex, device, ceilings, budget) -> None:
             continue
         print(f"flex S={row['S']} {row['layer']}", flush=True)
         entry = run_case("flex", lambda q, k, v: flex.attn(q, k, v, block_mask=mask, enable_gqa=True), inputs,
-                         budget, probe, reference)[0]
+                         budget, probe, answers.baseline)
         row["baselines"]["flex"] = entry
         compiled = compiled or "us" in entry
         if not compiled and "error" in entry:  # it never worked: do not pay the compile again
             flex.why = entry["error"]
-        del mask, inputs, probe, reference
+        del mask, inputs, probe, answers
         _rates(row, ceilings)
 
 
@@ -292,18 +336,20 @@ def bench_decode(cfg, dtype, device, ceilings, budget) -> list[dict]:
                                                   torch.randn(B, hkv, S, D, dtype=dtype, device=device)), kv_bytes)
                 ours_fn = lambda q, k, v: chunked_attention(q, k, v, chunk_size=chunk)  # noqa: E731
                 probe = inputs()
-                ours, reference = run_case("ours", ours_fn, inputs, budget, probe, chunk=chunk)
+                answers = Answers(probe, chunk)
+                ours = run_case("ours", ours_fn, inputs, budget, probe, answers.ours)
                 lo = S - visible
 
                 def sdpa(q, k, v):  # the query is the last position: it sees keys [lo, S) unmasked
                     return F.scaled_dot_product_attention(q, k[:, :, lo:], v[:, :, lo:], enable_gqa=True)
 
-                row.update(ours=ours, baselines={"sdpa": run_case("sdpa", sdpa, inputs, budget, probe, reference)[0]})
+                base = run_case("sdpa", sdpa, inputs, budget, probe, answers.baseline)
+                row.update(ours=ours, baselines={"sdpa": base})
                 if device == "cuda" and "us" in ours:
                     row["ours_graph"] = graph_case(ours_fn, inputs)
                 rows.append(row)
                 _rates(row, ceilings)
-                del inputs, probe, reference
+                del inputs, probe, answers
                 if device == "cuda":
                     torch.cuda.empty_cache()
     return rows
@@ -323,10 +369,12 @@ def _rates(row: dict, ceilings: dict) -> None:
 
 def _table(rows: list[dict], keys: list[str], cols: list[tuple[str, str, str]]) -> str:
     """common.markdown_table over pre-formatted cells `<impl>_<field>`: a failed
-    implementation shows 'error' in its us column, a skipped one '-'."""
+    implementation shows 'error' in its us column, a skipped one '-'; `disagrees` names the
+    baselines whose answer disagrees with ours."""
     flat = []
     for r in rows:
         f = {k: r[k] for k in keys}
+        f["disagrees"] = ", ".join(name for name, e in r["baselines"].items() if "disagrees" in e) or None
         for name, e in [("ours", r["ours"]), ("ours_graph", r.get("ours_graph", {})), *r["baselines"].items()]:
             f.update({f"{name}_{field}": v for field, v in e.items()})
             if "error" in e and not e["error"].startswith("skipped"):
@@ -347,7 +395,7 @@ def print_tables(prefill: list[dict], decode: list[dict], ceilings: dict, title:
         ("sdpa_us", "sdpa us", ".0f"), ("sdpa_tflops", "sdpa TFLOP/s", ".0f"),
         ("flex_us", "flex us", ".0f"), ("flex_tflops", "flex TFLOP/s", ".0f"),
         ("sdpa_ours_speedup", "x vs sdpa", ".2f"), ("flex_ours_speedup", "x vs flex", ".2f"),
-        ("sdpa_backend", "sdpa ran", ""), ("op_backend", "ops.attention uses", "")]))
+        ("sdpa_backend", "sdpa ran", ""), ("op_backend", "ops.attention uses", ""), ("disagrees", "disagrees", "")]))
     print("\ndecode (1 new token per sequence; TB/s over K/V of the visible keys + q/out; % of the HBM roofline)")
     print(_table(decode, ["context", "batch", "layer"], [
         ("context", "context", ""), ("batch", "batch", ""), ("layer", "layer", ""),
@@ -355,10 +403,22 @@ def print_tables(prefill: list[dict], decode: list[dict], ceilings: dict, title:
         ("ours_pct_roofline", "% roofline", ".0f"),
         ("ours_graph_us", "graph us", ".1f"), ("ours_graph_pct_roofline", "graph % roofline", ".0f"),
         ("sdpa_us", "sdpa us", ".1f"), ("sdpa_tbps", "sdpa TB/s", ".2f"),
-        ("sdpa_ours_speedup", "x vs sdpa", ".2f")]))
+        ("sdpa_ours_speedup", "x vs sdpa", ".2f"), ("disagrees", "disagrees", "")]))
+
+
+def verdict(prefill: list[dict], decode: list[dict]) -> dict:
+    """common.verdict of the run: ours (and its graph replays) failed, or a baseline disagrees."""
+    ours, baselines = [], []
+    for row in prefill + decode:
+        case = f"prefill S={row['S']}" if "S" in row else f"decode context={row['context']} batch={row['batch']}"
+        case += f" {row['layer']}"
+        ours += [(f"{case} {name}", row[name].get("error")) for name in ("ours", "ours_graph") if name in row]
+        baselines += [(f"{case} {name}", entry.get("disagrees")) for name, entry in row["baselines"].items()]
+    return common.verdict(ours, baselines)
 
 
 def main(argv=None):
+    """Returns the exit status (common.exit_status): 1 when ours failed or gave a wrong answer."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy sizes (CPU interpreter) / short GPU run")
     parser.add_argument("--budget-s", type=float, default=110.0,
@@ -388,7 +448,7 @@ def main(argv=None):
         return common.rewrite_results("attention", {
             "dtype": str(dtype), "config": cfg, "quick": bool(args.quick), "ceilings": ceilings,
             "prefill": [{k: v for k, v in row.items() if k != "_pending"} for row in prefill], "decode": decode,
-            "notes": [f"flex: {flex.why}"] if flex.why else [],
+            "notes": [f"flex: {flex.why}"] if flex.why else [], "verdict": verdict(prefill, decode),
         }, path)
 
     prefill = bench_prefill(cfg, dtype, device, ceilings, budget)
@@ -401,8 +461,8 @@ def main(argv=None):
     print_tables(prefill, decode, ceilings, title)
     path = save(prefill, decode)
     print(f"\nwrote {path}")
-    return path
+    return common.exit_status(verdict(prefill, decode))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,6 +5,8 @@ warm-up, on random data, rotating input sets when they fit in L2; the two ceilin
 bandwidth, bf16 matmul rate) measured in the same run; every run writes
 `benchmarks/results/<bench>-<gpu>-<yyyymmdd-hhmm>.json` and prints a markdown table.
 On a machine without a GPU the same code runs at toy sizes with a wall-clock timer.
+The kernel benchmarks check answers before timing them and exit 1 when ours is wrong: the rule
+is in the "answers" section below (rel_err, wrong_answer, disagreement, verdict, exit_status).
 """
 
 from __future__ import annotations
@@ -18,25 +20,68 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 L2_BYTES = 50 * 2**20  # H100 SXM; inputs smaller than this are rotated so repeats miss the cache
 # Relative-norm error past which an answer is wrong, not rounding: bf16 outputs round at 2^-9 and
-# FP8/INT4 methods are checked against their own dequantized-weight reference. A wrong answer's
-# time is not published (the method gets an error instead).
+# FP8/INT4 methods are checked against their own dequantized-weight reference.
 WRONG_REL_ERR = 2e-2
 
 
-def wrong_answer(rel_err: float) -> str | None:
-    """The error to record instead of a timing when `rel_err` is past WRONG_REL_ERR (or NaN)."""
-    if rel_err <= WRONG_REL_ERR:
+# ----------------------------------------------------------------------------------------------
+# answers. Ours is checked first, against a reference that depends on no kernel it is compared
+# with: past WRONG_REL_ERR its time is not published (the entry gets an error) and the script
+# exits 1. A baseline past WRONG_REL_ERR from ours (or the reference) disagrees: it stays timed
+# and carries a flag in the table and the JSON, the script still exits 0 (ours passed its
+# check, so the baseline is the suspect) and tests/test_benchmarks.py fails on it.
+# ----------------------------------------------------------------------------------------------
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, in fp32 (NaN when out has a NaN)."""
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def wrong_answer(err: float) -> str | None:
+    """The error to record for ours instead of a timing when `err` is past WRONG_REL_ERR (or NaN)."""
+    if err <= WRONG_REL_ERR:
         return None
-    msg = f"WRONG ANSWER: relative error {rel_err:.2e} > {WRONG_REL_ERR:g}"
+    msg = f"WRONG ANSWER: relative error {err:.2e} > {WRONG_REL_ERR:g}"
     print(f"    {msg}", flush=True)
     return msg
+
+
+def disagreement(err: float, against: str) -> str | None:
+    """The flag a baseline's answer carries when it is `err` from `against` (ours, or the
+    reference) by relative norm, past WRONG_REL_ERR (or NaN); None when it agrees."""
+    if err <= WRONG_REL_ERR:
+        return None
+    msg = f"DISAGREES with {against}: relative error {err:.2e} > {WRONG_REL_ERR:g}"
+    print(f"    {msg}", flush=True)
+    return msg
+
+
+def verdict(ours: Iterable[tuple[str, str | None]], baselines: Iterable[tuple[str, str | None]]) -> dict:
+    """What a run found wrong, for its JSON ("verdict") and exit_status.
+
+    ours: (where, recorded error or None) of every entry of our kernels; a wrong answer or an
+        exception is a failure, a skip ("skipped: ...", budget or memory) is not.
+    baselines: (where, disagreement flag or None) of every baseline entry.
+    """
+    return {"failures": [f"{where}: {e}" for where, e in ours if e and not e.startswith("skipped")],
+            "disagreements": [f"{where}: {flag}" for where, flag in baselines if flag]}
+
+
+def exit_status(verdict: dict) -> int:
+    """Print the verdict's findings (last, after the tables) and return the script's exit
+    status: 1 when any of ours failed, else 0 (a disagreeing baseline alone is reported)."""
+    for title, items in (("FAILED, ours", verdict["failures"]), ("baselines that disagree", verdict["disagreements"])):
+        if items:
+            print(f"\n{title}:\n" + "\n".join(f"  {item}" for item in items), flush=True)
+    return 1 if verdict["failures"] else 0
 
 
 def device() -> str:
@@ -208,7 +253,8 @@ def rewrite_results(bench: str, payload: dict, previous: Path | None) -> Path:
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
-    """rows: dicts; columns: (key, header, format spec). Missing values print as '-'."""
+    """rows: dicts; columns: (key, header, format spec). Missing values print as '-', a dict as
+    its keys (the names a row flags)."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"
     sep = "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|"
     lines = [head, sep]
@@ -216,6 +262,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]
         cells = []
         for key, _, fmt in columns:
             v = r.get(key)
+            if isinstance(v, dict):
+                v = ", ".join(v) or None
             cells.append("-" if v is None else (format(v, fmt) if fmt else str(v)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -24,6 +24,14 @@ a PNG beside it and a markdown table per shape.
 or symmetric INT4 in groups of 128) against the same bf16 baselines; the roofline then counts
 the quantized expert bytes (with scales), and ours is checked against the torch reference on
 the same quantized weights instead of the bf16 loop.
+
+Answers, on the first input set of each case: ours is checked first against the loop
+(llama4_fast's torch backend, itself tested against float64 in tests/): past
+common.WRONG_REL_ERR it is recorded as a wrong answer instead of a time, and the script exits 1
+once every table and the JSON are out (as when ours raises). Each baseline is checked against
+the bf16 loop: one past WRONG_REL_ERR is flagged (`disagrees` column, JSON) and still timed, and
+the exit status stays 0 (ours matched the reference, so the baseline is the suspect);
+tests/test_benchmarks.py fails on it.
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (device, fp8_ceilings, fp8_peak_tflops, markdown_table, measure_ceilings, rewrite_results, roofline,  # noqa: E402
-                    rotating, time_us, wrong_answer)
+from common import (device, disagreement, exit_status, fp8_ceilings, fp8_peak_tflops, markdown_table,  # noqa: E402
+                    measure_ceilings, rel_err, rewrite_results, roofline, rotating, time_us, verdict, wrong_answer)
 
 from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import fused_moe, route  # noqa: E402
@@ -68,6 +76,7 @@ GRAPH_MAX_T = 64  # decode sizes: also time ours replayed from a CUDA graph
 # estimate phase of do_bench already runs each case 5 times, with an L2 flush before each call.
 WARMUP_MS, REP_MS = 10, 50
 BASELINES = ("dense", "loop", "grouped_mm")
+OURS = ("ours", "ours_graph", "routing", "ours_shared")  # the names in a row's "errors" that are our kernels
 SEED = 0
 
 
@@ -200,7 +209,7 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
     touched = sum(torch.topk(lg, TOP_K, dim=-1).indices.unique().numel() for _, lg in sets) / len(sets)
     bytes_moved = touched * expert_bytes + T * (2 * H + E) * elem
     flops = 2 * T * TOP_K * H * 3 * I
-    row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}}
+    row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}, "disagrees": {}}
     # The baselines read the bf16 experts: their floor is the bf16 one, whatever ours reads.
     base_bytes = touched * 3 * H * I * elem + T * (2 * H + E) * elem
     if quant is not None:
@@ -229,13 +238,14 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
     # (quantized: the torch reference on the same quantized experts) before it is timed.
     t_ours = None
     x0, lg0 = sets[0]
-    ref = (loop(x0, lg0, w13, w2) if quant is None else loop(x0, lg0, quant[0], quant[1])).float()
+    base_ref = loop(x0, lg0, w13, w2)  # the baselines' reference: they read the bf16 experts
+    ref = base_ref if quant is None else loop(x0, lg0, quant[0], quant[1])
     try:
-        got = ours(x0, lg0, ours_w13, ours_w2, quant_kwargs=ours_kw).float()
+        got = ours(x0, lg0, ours_w13, ours_w2, quant_kwargs=ours_kw)
     except Exception as e:  # noqa: BLE001
         failed("ours", e)
     else:
-        row["rel_err_vs_loop"] = ((got - ref).norm() / ref.norm()).item()
+        row["rel_err_vs_loop"] = rel_err(got, ref)
         wrong = wrong_answer(row["rel_err_vs_loop"])
         if wrong:
             row["errors"]["ours"] = wrong
@@ -290,6 +300,13 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
         if name == "dense" and _dense_temp_bytes(T, E, H, I, elem) > 0.8 * free:
             row["errors"][name] = "skipped: [E, T, *] temporaries do not fit in free memory"
             continue
+        try:
+            row[f"{name}_rel_err"] = rel_err(impls[name](x0, lg0, w13, w2), base_ref)
+        except Exception as e:  # noqa: BLE001
+            failed(name, e)
+            continue
+        if flag := disagreement(row[f"{name}_rel_err"], "the loop"):
+            row["disagrees"][name] = flag
         t = timed(name, lambda x, lg, f=impls[name]: f(x, lg, w13, w2))
         if t is not None:
             row[f"{name}_pct_roofline"] = roofline(t, base_bytes, flops, ceilings)["pct_roofline"]
@@ -318,7 +335,8 @@ def bench_shared(T, E, H, I, w13, w2, dtype, dev, ceilings, quant=None):
     row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}}
     try:
         row["shared_only_us"] = time_us(lambda: shared_mlp(x, wg_u, wd), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
-        t = time_us(lambda: shared_mlp(x, wg_u, wd) + ours(x, logits, w13, w2, quant_kwargs=kw), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
+        t = time_us(lambda: shared_mlp(x, wg_u, wd) + ours(x, logits, w13, w2, quant_kwargs=kw), warmup_ms=WARMUP_MS,
+                    rep_ms=REP_MS)
         row["ours_shared_us"] = t
         row.update({f"ours_shared_{k}": v for k, v in roofline(t, bytes_moved, flops, ceilings).items()})
     except Exception as e:  # noqa: BLE001
@@ -336,9 +354,10 @@ COLUMNS = [
     ("roofline_us", "floor us", ".1f"), ("ours_us", "ours us", ".1f"), ("ours_graph_us", "graph us", ".1f"),
     ("ours_tbps", "TB/s", ".2f"), ("ours_tflops", "TFLOP/s", ".1f"), ("ours_pct_roofline", "% roof", ".1f"),
     ("ours_graph_pct_roofline", "graph % roof", ".1f"),
-    ("routing_us", "routing us", ".1f"), ("rel_err_vs_loop", "err vs loop", ".1e"), ("dense_us", "dense us", ".1f"), ("loop_us", "loop us", ".1f"),
-    ("grouped_mm_us", "grouped_mm us", ".1f"), ("speedup_vs_dense", "x dense", ".2f"),
+    ("routing_us", "routing us", ".1f"), ("rel_err_vs_loop", "err vs loop", ".1e"), ("dense_us", "dense us", ".1f"),
+    ("loop_us", "loop us", ".1f"), ("grouped_mm_us", "grouped_mm us", ".1f"), ("speedup_vs_dense", "x dense", ".2f"),
     ("speedup_vs_loop", "x loop", ".2f"), ("speedup_vs_grouped_mm", "x grouped_mm", ".2f"),
+    ("disagrees", "disagrees", ""),
 ]
 SHARED_COLUMNS = [
     ("T", "T", ""), ("experts_touched", "experts", ""), ("shared_only_us", "shared MLP us", ".1f"),
@@ -385,7 +404,19 @@ def plot(results: dict, path: Path) -> None:
     print(f"plot: {path}")
 
 
+def run_verdict(results: dict) -> dict:
+    """common.verdict of the run: an entry of ours failed, or a baseline disagrees."""
+    ours, baselines = [], []
+    for shape in results["shapes"]:
+        for row in shape["rows"] + shape["shared_rows"]:
+            case = f"{shape['name']} T={row['T']}"
+            ours += [(f"{case} {name}", e) for name, e in row["errors"].items() if name in OURS]
+            baselines += [(f"{case} {name}", flag) for name, flag in row.get("disagrees", {}).items()]
+    return verdict(ours, baselines)
+
+
 def main(argv=None):
+    """Returns the exit status (common.exit_status): 1 when ours failed or gave a wrong answer."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="toy sizes (CPU-runnable through the Triton interpreter)")
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES) + sorted(QUICK_SHAPES), help="shapes to run")
@@ -444,12 +475,13 @@ def main(argv=None):
             torch.cuda.empty_cache()
         # Written after every shape (replacing the previous file), so a run cut short by a
         # time limit still leaves its finished shapes.
+        results["verdict"] = run_verdict(results)
         path = rewrite_results("moe_dispatch" if args.weights == "bf16" else f"moe_dispatch_{args.weights}", results,
                                path)
         plot(results, path.with_suffix(".png"))
     print(f"\nresults: {path}")
-    return results
+    return exit_status(run_verdict(results))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

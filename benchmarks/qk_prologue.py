@@ -20,8 +20,14 @@ Columns: median us of each; the fused kernel's TB/s over the bytes it must move 
 and written once; q only on nope layers) and % of the measured HBM copy bandwidth; each
 prologue as % of attention. On a GPU the decode rows are also timed as CUDA-graph replays
 (`graph` columns): a captured decode step pays no launch overhead, so those are the kernels'
-own times. The fused output is checked against the torch chain (rel_err_vs_torch in the JSON);
-past common.WRONG_REL_ERR the fused variants are recorded as wrong answers, not timed.
+own times.
+
+Answers: the reference is the torch chain on fp32 copies of the first input set. Ours (fused,
+q-side) is checked first: past common.WRONG_REL_ERR it is recorded as a wrong answer instead of
+a time, and the script exits 1 once every table and the JSON are out (as when ours raises,
+attention included). The torch chain is checked too: past WRONG_REL_ERR it is flagged
+(`disagrees` column, JSON) and still timed, and the exit status stays 0 (ours matched the
+reference); tests/test_benchmarks.py fails on it.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ QUICK_GPU = dict(prefill=[2048, 8192], batches=[1, 16], context=8192, heads=(HQ,
 # CPU quick run: the same code at toy sizes (the interpreter runs ~1e5x slower than a GPU).
 QUICK_CPU = dict(prefill=[40], batches=[1, 2], context=48, heads=(5, 1), head_dim=32, chunk=16)
 LAYERS = ("rope", "nope")
+OURS = ("fused", "q_side", "attn")  # our kernels; torch is the baseline
 
 
 def rope_tables(positions: torch.Tensor, D: int):
@@ -83,11 +90,6 @@ def q_side(layer, q, k, cos, sin, positions):
     return fused(layer, q, k[:, :, :0], cos, sin, positions)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def graph_us(fn, inputs) -> float | None:
     """Median us of fn replayed from CUDA graphs, one per rotating input set."""
     first = inputs()
@@ -105,6 +107,12 @@ def graph_us(fn, inputs) -> float | None:
     return common.time_us(lambda: next(turn).replay())
 
 
+def _failure(label: str, e: Exception) -> dict:
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    print(f"  [{label}] failed: {msg}", flush=True)
+    return {"error": msg}
+
+
 def timed(label, fn, inputs, graph: bool, budget: common.Budget) -> dict:
     """{'us', 'graph_us'} of fn over the rotating input sets, or {'error'}: a failing or
     skipped implementation never stops the run."""
@@ -116,9 +124,24 @@ def timed(label, fn, inputs, graph: bool, budget: common.Budget) -> dict:
             entry["graph_us"] = graph_us(fn, inputs)
         return entry
     except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        print(f"  [{label}] failed: {msg}", flush=True)
-        return {"error": msg}
+        return _failure(label, e)
+
+
+def answer(label, fn, probe, ref) -> dict:
+    """{'rel_err'} of fn's (q, k) on the probe set against the fp32 reference `ref` (None when
+    it failed), the larger of the two; ours (OURS) past WRONG_REL_ERR, or unchecked, gets an
+    'error' (not timed), the torch chain a 'disagrees' flag (still timed)."""
+    if ref is None:
+        return {"error": "unchecked: the fp32 reference failed"}
+    try:
+        err = max(common.rel_err(a, b) for a, b in zip(fn(*probe), ref) if a.numel())  # q_side's k is empty
+    except Exception as e:  # noqa: BLE001
+        return _failure(label, e)
+    if label in OURS:
+        wrong = common.wrong_answer(err)
+        return {"rel_err": err, **({"error": wrong} if wrong else {})}
+    flag = common.disagreement(err, "the fp32 reference")
+    return {"rel_err": err, **({"disagrees": flag} if flag else {})}
 
 
 def bench_case(cfg, dtype, device, ceilings, budget, B: int, S: int, context: int, layer: str) -> dict:
@@ -154,16 +177,15 @@ def bench_case(cfg, dtype, device, ceilings, budget, B: int, S: int, context: in
     row = {"B": B, "S": S, "context": context, "layer": layer, "bytes": moved}
     probe = inputs()
     try:
-        row["rel_err_vs_torch"] = max(rel_err(a, b) for a, b in zip(prologue(fused)(*probe),
-                                                                      prologue(torch_chain)(*probe)))
+        ref = torch_chain(layer, probe[0].float(), probe[1].float(), cos, sin, positions)
     except Exception as e:  # noqa: BLE001
-        row["rel_err_vs_torch"] = None
-        print(f"  [check] failed: {type(e).__name__}: {e}", flush=True)
-    wrong = row["rel_err_vs_torch"] is not None and common.wrong_answer(row["rel_err_vs_torch"])
-    for name, fn in (("torch", prologue(torch_chain)), ("fused", prologue(fused)), ("q_side", prologue(q_side)),
-                     ("attn", attention)):
-        # a fused prologue that disagrees with the torch chain is not timed: its speed means nothing
-        row[name] = {"error": wrong} if wrong and name in ("fused", "q_side") else timed(name, fn, inputs, graph, budget)
+        _failure("fp32 reference", e)
+        ref = None
+    impls = {"torch": prologue(torch_chain), "fused": prologue(fused), "q_side": prologue(q_side), "attn": attention}
+    for name, fn in impls.items():
+        # attention is checked by benchmarks/attention.py; a wrong prologue's speed means nothing
+        check = {} if name == "attn" else answer(name, fn, probe, ref)
+        row[name] = check if "error" in check else {**check, **timed(name, fn, inputs, graph, budget)}
     f = row["fused"]
     if "us" in f:
         f.update(common.roofline(f["us"], moved, 0.0, ceilings))
@@ -177,12 +199,16 @@ def bench_case(cfg, dtype, device, ceilings, budget, B: int, S: int, context: in
     return row
 
 
+def case_name(row: dict) -> str:
+    return f"prefill S={row['S']}" if row["S"] > 1 else f"decode B={row['B']} ctx={row['context']}"
+
+
 def table(rows: list[dict], graph: bool) -> str:
     flat = []
     for r in rows:
-        cell = {"case": f"prefill S={r['S']}" if r["S"] > 1 else f"decode B={r['B']} ctx={r['context']}",
-                "layer": r["layer"], "speedup": r.get("fused_speedup")}
-        for name in ("torch", "fused", "q_side", "attn"):
+        cell = {"case": case_name(r), "layer": r["layer"], "speedup": r.get("fused_speedup"),
+                "disagrees": "torch" if "disagrees" in r["torch"] else None}
+        for name in ("torch", *OURS):
             e = r[name]
             if "error" in e:
                 cell[f"{name}_us"] = "error" if not e["error"].startswith("skipped") else None
@@ -194,7 +220,7 @@ def table(rows: list[dict], graph: bool) -> str:
                (f"torch_{key}", "torch us", ".1f"), (f"fused_{key}", "fused us", ".1f"),
                (f"q_side_{key}", "q-side us", ".1f"), (f"attn_{key}", "attention us", ".1f"),
                (f"torch_{pct}", "torch % attn", ".1f"), (f"fused_{pct}", "fused % attn", ".1f"),
-               (f"q_side_{pct}", "q-side % attn", ".1f")]
+               (f"q_side_{pct}", "q-side % attn", ".1f"), ("disagrees", "disagrees", "")]
     if not graph:
         columns[4:4] = [("fused_tbps", "fused TB/s", ".2f"), ("fused_pct_roofline", "% HBM", ".0f"),
                         ("speedup", "x vs torch", ".2f")]
@@ -203,7 +229,15 @@ def table(rows: list[dict], graph: bool) -> str:
     return common.markdown_table(formatted, [(k, h, "s" if f else "") for k, h, f in columns])
 
 
+def verdict(rows: list[dict]) -> dict:
+    """common.verdict of the run: an entry of ours failed, or the torch chain disagrees."""
+    where = [(f"{case_name(r)} {r['layer']}", r) for r in rows]
+    return common.verdict([(f"{case} {name}", r[name].get("error")) for case, r in where for name in OURS],
+                          [(f"{case} torch", r["torch"].get("disagrees")) for case, r in where])
+
+
 def main(argv=None):
+    """Returns the exit status (common.exit_status): 1 when ours failed or gave a wrong answer."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="toy sizes (CPU interpreter) / short GPU run")
     parser.add_argument("--budget-s", type=float, default=30.0,
@@ -233,10 +267,10 @@ def main(argv=None):
         print("\ndecode as CUDA-graph replays (no launch overhead)")
         print(table([r for r in rows if r["S"] == 1], graph=True))
     path = common.write_results("qk_prologue", {"dtype": str(dtype), "config": cfg, "quick": bool(args.quick),
-                                                "ceilings": ceilings, "cases": rows})
+                                                "ceilings": ceilings, "cases": rows, "verdict": verdict(rows)})
     print(f"\nwrote {path}")
-    return path
+    return common.exit_status(verdict(rows))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

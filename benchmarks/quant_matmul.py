@@ -13,10 +13,15 @@ side by side in one run:
               share of ours_fp8 that a per-token amax inside the GEMM would save at small M
 The roofline counts the bytes that must move (weight in its format with its scales, x, y) and
 2MKN FLOPs against the measured copy bandwidth and bf16 matmul peak (FP8 rows against the
-measured FP8 peak when _scaled_mm runs here). Each method's answer is checked against the
-torch dequantized-weight reference before it is timed; past common.WRONG_REL_ERR it is
-recorded as a wrong answer, not timed. Writes
+measured FP8 peak when _scaled_mm runs here). Writes
 benchmarks/results/quant_matmul-<gpu>-<time>.json and a markdown table per shape.
+
+Answers: every method is checked, before it is timed, against `reference` (x @ W in fp32 for
+bf16, the torch dequantized-weight reference of its own format for the others). Ours past
+common.WRONG_REL_ERR is recorded as a wrong answer instead of a time, and the script exits 1
+once every table and the JSON are out (as when ours raises). A baseline past it is flagged
+(`disagrees` column, JSON) and still timed, and the exit status stays 0 (ours matched the
+reference, so the baseline is the suspect); tests/test_benchmarks.py fails on it.
 
     python benchmarks/quant_matmul.py                   # the full run (~1 min on an H100)
     python benchmarks/quant_matmul.py --shapes 5120x1024 --tokens 1 16
@@ -39,8 +44,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (L2_BYTES, Budget, device, fp8_ceilings, fp8_peak_tflops, markdown_table, measure_ceilings,  # noqa: E402
-                    rewrite_results, roofline, rotating, scaled_mm_available, time_us, wrong_answer)
+from common import (L2_BYTES, Budget, device, disagreement, exit_status, fp8_ceilings, fp8_peak_tflops,  # noqa: E402
+                    markdown_table, measure_ceilings, rel_err, rewrite_results, roofline, rotating,
+                    scaled_mm_available, time_us, verdict, wrong_answer)
 
 from llama4_fast.kernels import quant_matmul, quantize_fp8_activations  # noqa: E402
 from llama4_fast.quant import Fp8Weight, Int4Weight, quant_linear_ref, quantize_fp8_activations_ref  # noqa: E402
@@ -52,6 +58,7 @@ QUICK_TOKENS = [1, 24]
 GROUP = 128
 WARMUP_MS, REP_MS = 10, 40
 METHODS = ("bf16", "scaled_mm", "ours_fp8", "ours_int4")
+OURS = ("ours_fp8", "ours_int4", "fp8_act_quant")  # the names in a row's "errors" that are our kernels
 SEED = 0
 MAX_WEIGHT_SETS = 48  # TP8 shards are 2.6 MB in INT4: enough copies that repeats miss L2
 
@@ -87,6 +94,12 @@ def make_methods(w: torch.Tensor, dtype, scaled_mm_reason):
     return methods, refs
 
 
+def reference(x: torch.Tensor, w: torch.Tensor, weight) -> torch.Tensor:
+    """What a method must compute, fp32 [M, N]: x @ w for bf16 (weight None), else the torch
+    reference of its quantized weight (make_methods' refs)."""
+    return x.float() @ w if weight is None else quant_linear_ref(x, weight).float()
+
+
 def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_mm_reason):
     gen = torch.Generator(device=dev).manual_seed(SEED)
     # Independent weight sets, rotated so that even the smallest format (INT4) streams from
@@ -97,7 +110,7 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
     w, (methods, refs) = weights[0], sets[0]
     rows = []
     for M in tokens:
-        row = {"M": M, "flops": 2 * M * K * N, "errors": {}}
+        row = {"M": M, "flops": 2 * M * K * N, "errors": {}, "disagrees": {}}
         if scaled_mm_reason:
             row["errors"]["scaled_mm"] = scaled_mm_reason
         nxt = rotating(lambda: (torch.randn(M, K, device=dev, dtype=dtype, generator=gen),), M * K * dtype.itemsize
@@ -109,13 +122,13 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
                 continue
             bytes_moved = weight_bytes(refs[method], K, N, dtype.itemsize) + M * (K + N) * dtype.itemsize
             try:
-                out = fn(x0).float()
-                ref = (x0.float() @ w) if refs[method] is None else quant_linear_ref(x0, refs[method]).float()
-                row[f"{method}_rel_err"] = ((out - ref).norm() / ref.norm()).item()
-                wrong = wrong_answer(row[f"{method}_rel_err"])
-                if wrong:
-                    row["errors"][method] = wrong
-                    continue
+                err = row[f"{method}_rel_err"] = rel_err(fn(x0), reference(x0, w, refs[method]))
+                if method in OURS:
+                    if wrong := wrong_answer(err):  # not timed
+                        row["errors"][method] = wrong
+                        continue
+                elif flag := disagreement(err, "the reference"):  # still timed
+                    row["disagrees"][method] = flag
                 fns = itertools.cycle([s[0][method] for s in sets])
                 t = time_us(lambda: next(fns)(nxt()[0]), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
             except Exception as e:  # noqa: BLE001 - one failing method must not stop the run
@@ -130,9 +143,12 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
                           fp8_ceilings(ceilings) if method in ("scaled_mm", "ours_fp8") else ceilings)
             row.update({f"{method}_{k}": v for k, v in rl.items()})
         if "ours_fp8_us" in row and not budget.exhausted():  # same inputs, timed the same way
-            row["fp8_act_quant_us"] = time_us(lambda: quantize_fp8_activations(nxt()[0]), warmup_ms=WARMUP_MS,
-                                              rep_ms=REP_MS)
-            row["fp8_act_quant_share"] = row["fp8_act_quant_us"] / row["ours_fp8_us"]
+            try:
+                row["fp8_act_quant_us"] = time_us(lambda: quantize_fp8_activations(nxt()[0]), warmup_ms=WARMUP_MS,
+                                                  rep_ms=REP_MS)
+                row["fp8_act_quant_share"] = row["fp8_act_quant_us"] / row["ours_fp8_us"]
+            except Exception as e:  # noqa: BLE001
+                row["errors"]["fp8_act_quant"] = f"{type(e).__name__}: {e}"
         for method in METHODS[1:]:
             if f"{method}_us" in row and "bf16_us" in row:
                 row[f"{method}_speedup_vs_bf16"] = row["bf16_us"] / row[f"{method}_us"]
@@ -152,11 +168,23 @@ COLUMNS = [
     ("ours_int4_speedup_vs_bf16", "int4 x bf16", ".2f"), ("scaled_mm_speedup_vs_bf16", "scaled_mm x bf16", ".2f"),
     ("ours_fp8_vs_scaled_mm", "fp8 x scaled_mm", ".2f"), ("fp8_act_quant_us", "fp8 act-quant us", ".1f"),
     ("fp8_act_quant_share", "act-quant share", ".0%"), ("ours_fp8_rel_err", "fp8 err", ".1e"),
-    ("ours_int4_rel_err", "int4 err", ".1e"),
+    ("ours_int4_rel_err", "int4 err", ".1e"), ("disagrees", "disagrees", ""),
 ]
 
 
+def run_verdict(results: dict) -> dict:
+    """common.verdict of the run: a method of ours failed, or a baseline disagrees."""
+    ours, baselines = [], []
+    for shape in results["shapes"]:
+        for row in shape["rows"]:
+            case = f"{shape['name']} M={row['M']}"
+            ours += [(f"{case} {name}", e) for name, e in row["errors"].items() if name in OURS]
+            baselines += [(f"{case} {name}", flag) for name, flag in row["disagrees"].items()]
+    return verdict(ours, baselines)
+
+
 def main(argv=None):
+    """Returns the exit status (common.exit_status): 1 when ours failed or gave a wrong answer."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="toy sizes (CPU-runnable through the Triton interpreter)")
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES) + sorted(QUICK_SHAPES), help="K x N shapes to run")
@@ -187,14 +215,15 @@ def main(argv=None):
         print(f"\n## K x N = {name}, {str(dtype).replace('torch.', '')}", flush=True)
         rows = bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_mm_reason)
         results["shapes"].append({"name": name, "K": K, "N": N, "rows": rows})
+        results["verdict"] = run_verdict(results)
         print()
         print(markdown_table(rows, COLUMNS))
         path = rewrite_results("quant_matmul", results, path)  # after every shape: a cut-short run keeps its shapes
         if dev == "cuda":
             torch.cuda.empty_cache()
     print(f"\nresults: {path}")
-    return results
+    return exit_status(run_verdict(results))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

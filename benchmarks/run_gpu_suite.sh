@@ -10,6 +10,10 @@
 #   bash benchmarks/run_gpu_suite.sh --quick         # CPU dry run of every step: toy sizes, interpreter
 #   bash benchmarks/run_gpu_suite.sh --plan [STEPS]  # print what would run (steps, limits, commands)
 #
+# The kernel benchmarks (quant_matmul, moe_*, attention, qk_prologue) exit 1 when our kernel gives
+# a wrong answer or raises, after writing their JSON (still copied to $OUT): the step shows FAILED
+# and the suite's status is 1. A baseline that disagrees is flagged in the JSON, exit status 0.
+#
 # On a machine that gets a copy of the tree without .git, name the commit being measured, so the
 # result files carry it: LLAMA4_FAST_COMMIT=$(git rev-parse HEAD) (expanded where .git is).
 #

@@ -4,13 +4,16 @@ A handful of benchmarks/attention.py's cases, so a change can be compared agains
 baseline (`--benchmark-save` / `--benchmark-compare`). On a GPU: Llama 4 heads (40 q / 8 kv,
 head dim 128, bf16) at 8k prefill and 32k / 8k decode, each call synchronised so the wall
 time is the kernel's. On CPU: the same calls at toy sizes under the Triton interpreter.
-The script stays the way to get the full tables, rooflines and baselines.
+The script stays the way to get the full tables, rooflines and baselines. Each case also
+checks the timed call's answer against the fp32 definition (bench.error_vs_math, on the rows
+the script checks: the first and last rows, rows between, and around every chunk start).
 """
 
 import pytest
 import torch
 
 import attention as bench  # sets TRITON_INTERPRET on a machine without a GPU, before triton loads
+from common import WRONG_REL_ERR
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -31,7 +34,8 @@ def test_prefill(benchmark, timed, chunk):
     v = torch.randn(1, HKV, PREFILL_S, D, dtype=DTYPE, device=DEVICE)
     tflop = 4 * D * bench.visible_pairs(PREFILL_S, chunk) * HQ / 1e12
     benchmark.extra_info.update(S=PREFILL_S, chunk=chunk, tflop=tflop)
-    timed(lambda: bench.chunked_attention(q, k, v, chunk_size=chunk))
+    out = timed(lambda: bench.chunked_attention(q, k, v, chunk_size=chunk))
+    assert bench.error_vs_math(out, q, k, v, chunk) <= WRONG_REL_ERR
 
 
 @pytest.mark.parametrize("context,batch", DECODE, ids=[f"ctx{c}-b{b}" for c, b in DECODE])
@@ -41,4 +45,5 @@ def test_decode(benchmark, timed, context, batch, chunk):
     k = torch.randn(batch, HKV, context, D, dtype=DTYPE, device=DEVICE)
     v = torch.randn(batch, HKV, context, D, dtype=DTYPE, device=DEVICE)
     benchmark.extra_info.update(context=context, batch=batch, chunk=chunk)
-    timed(lambda: bench.chunked_attention(q, k, v, chunk_size=chunk))
+    out = timed(lambda: bench.chunked_attention(q, k, v, chunk_size=chunk))
+    assert bench.error_vs_math(out, q, k, v, chunk) <= WRONG_REL_ERR

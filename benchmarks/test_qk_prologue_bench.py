@@ -3,13 +3,15 @@
 A few of benchmarks/qk_prologue.py's cases, today's torch chain against the fused kernel, so a
 change can be compared against a saved baseline. GPU: Llama 4 heads in bf16 at 8k prefill and
 batch-16 decode, each call synchronised; CPU: the same calls at toy sizes under the Triton
-interpreter. The script stays the way to get the tables with attention side by side.
+interpreter. The script stays the way to get the tables with attention side by side. Each case
+also checks the timed call's (q, k) against the script's reference, the torch chain in fp32.
 """
 
 import pytest
 import torch
 
 import qk_prologue as bench  # sets TRITON_INTERPRET on a machine without a GPU, before triton loads
+from common import WRONG_REL_ERR, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -33,4 +35,6 @@ def test_qk_prologue(benchmark, timed, batch, seq, layer, impl):
     cos, sin = bench.rope_tables(positions, D)
     fn = getattr(bench, impl)
     benchmark.extra_info.update(batch=batch, seq=seq, layer=layer)
-    timed(lambda: fn(layer, q, k, cos, sin, positions))
+    out = timed(lambda: fn(layer, q, k, cos, sin, positions))
+    ref = bench.torch_chain(layer, q.float(), k.float(), cos, sin, positions)
+    assert max(rel_err(a, b) for a, b in zip(out, ref)) <= WRONG_REL_ERR

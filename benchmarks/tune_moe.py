@@ -1,8 +1,11 @@
 """Sweep fused_moe launch configs on a GPU: the data behind kernels/configs/moe_h100.json.
 
 Each candidate is timed replayed from a CUDA graph (kernel time, no host overhead) and checked
-against the default config's output. One gate_up/down GEMM is varied at a time around the
-current choice. Prints a table per case and writes benchmarks/results/tune_moe-<gpu>-<time>.json.
+against the default config's output, itself checked against the torch backend. One gate_up/down
+GEMM is varied at a time around the current choice. Prints a table per case and writes
+benchmarks/results/tune_moe-<gpu>-<time>.json. A candidate that fails to compile is a data
+point; one past common.WRONG_REL_ERR is a wrong answer of the kernel: never the best, and the
+script exits 1 (common.exit_status) once the table and the JSON are out.
 
     python benchmarks/tune_moe.py                   # the default cases (~2 minutes on an H100)
 """
@@ -18,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import markdown_table, time_us, write_results  # noqa: E402
+from common import exit_status, markdown_table, rel_err, time_us, verdict, write_results, wrong_answer  # noqa: E402
 
+from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import moe, route  # noqa: E402
 from llama4_fast.kernels.moe import GemmConfig  # noqa: E402
 
@@ -54,6 +58,7 @@ def run_case(shape: str, T: int, epilogue_modes) -> list[dict]:
     weights, ids = route(torch.randn(T, E, device="cuda", dtype=torch.bfloat16, generator=gen), 1)
     base = moe.launch_config(x, w13, w2, 1)
     ref = moe._launch(x, w13, w2, weights, ids, True, torch.empty_like(x), base).float()
+    torch_out = torch_ref.fused_moe(x, w13, w2, weights, ids)  # the default config's own check
     candidates = [("default", base)]
     if T >= 1024:
         for name in ("gate_up", "down"):
@@ -74,24 +79,26 @@ def run_case(shape: str, T: int, epilogue_modes) -> list[dict]:
             row = {"shape": shape, "T": T, "scale_in_epilogue": epilogue, "config": label}
             try:
                 row["us"] = graph_time(lambda: moe._launch(x, w13, w2, weights, ids, True, out, cfg))
-                row["err"] = ((out.float() - ref).norm() / ref.norm()).item()
+                row["err"] = rel_err(out, torch_out if label == "default" else ref)
+                row["wrong"] = wrong_answer(row["err"])
             except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
             print(f"  {shape} T={T} epi={epilogue:d} {label}: {row.get('us', float('nan')):.1f} us "
                   f"err {row.get('err', float('nan')):.1e} {row.get('error', '')}", flush=True)
-    best = min((r for r in rows if "us" in r and r["err"] < 2e-2), key=lambda r: r["us"], default=None)
+    best = min((r for r in rows if "us" in r and not r.get("wrong")), key=lambda r: r["us"], default=None)
     if best:
         best["best"] = True
     return rows
 
 
 def main(argv=None):
+    """Returns the exit status: 1 when a candidate (or the default) gave a wrong answer."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_moe.py needs a CUDA GPU")
-        return
+        return 0
     rows = []
     for shape, T in CASES:
         rows += run_case(shape, T, (False, True) if T >= 1024 else (True,))
@@ -99,8 +106,10 @@ def main(argv=None):
     cols = [("shape", "shape", ""), ("T", "T", ""), ("scale_in_epilogue", "scale in epilogue", ""),
             ("config", "config", ""), ("us", "graph us", ".1f"), ("err", "err", ".1e"), ("best", "best", "")]
     print(markdown_table(rows, cols))
-    print(write_results("tune_moe", {"cases": rows}))
+    found = verdict([(f"{r['shape']} T={r['T']} {r['config']}", r.get("wrong")) for r in rows], [])
+    print(write_results("tune_moe", {"cases": rows, "verdict": found}))
+    return exit_status(found)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
