@@ -43,7 +43,17 @@ One kernel, ``_attn_fwd``, handles both phases. A program owns BLOCK_M query *ro
   get no tiles (a short chunk, left padding) write lse = -inf and weigh nothing.
 * Softmax. Online softmax in fp32 with exp2 and ``scale * log2(e)`` folded into one multiply.
   Masked entries are -inf; a row whose running max is still -inf uses 0 as its shift, so
-  exp2(-inf) = 0 and it accumulates nothing. A row with zero total weight returns zeros.
+  exp2(-inf) = 0 and it accumulates nothing. A row that sees no key returns zeros.
+* NaN and inf. A query row is NaN (or inf) when softmax math makes it so: a NaN / inf in its
+  q, a NaN score, a +inf score, a non-finite v of a key it sees; a row whose every visible
+  score is -inf (infinite q or k) is 0/0 = NaN. -inf scores among finite ones weigh 0. k is
+  masked before the softmax, so a non-finite k never reaches a query that does not see the
+  key. Deliberate difference from the per-row math: a non-finite v of a key a query does NOT
+  see still reaches it when the key lies in a key tile its row block reads (p = 0, and
+  0 x NaN = NaN in the tile's dot): a future key of the same block, or a key of the previous
+  chunk at a chunk boundary. A block reads only keys some row of it sees, so keys at negative
+  positions, past kv_len or before the block's first chunk never matter, and rows that see no
+  key stay zeros. The torch backend has the same property for its 512-query blocks.
 * Addressing. Batch/head/row offsets are int64 (a 1M-token prefill has 1M x 40 heads x 128
   = 5.2e9 query elements); offsets inside one tile stay int32, and K/V tiles advance a scalar
   base pointer, so the per-element address math is loop-invariant int32.
@@ -136,20 +146,21 @@ def _first_visible_key(own_key, kv_start, chunk_size, CHUNKED: tl.constexpr):
 
 @triton.jit
 def _attend_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, k_offs, v_offs, stride_kn, stride_vn,
-                  start, end, offs_n, d_ok, row_lo, row_hi, seq_kv, qk_scale,
+                  start, end, offs_n, d_ok, row_lo, row_hi, key_end, qk_scale,
                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_D: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key tiles [start, end) step BLOCK_N.
 
     k_ptr / v_ptr point at key `start` of this (batch, KV head); k_offs / v_offs are the
     int32 offsets inside one [BLOCK_N, BLOCK_D] tile. MASKED tiles apply the per-row visible
-    interval [row_lo, row_hi] (key indices) and the sequence end; unmasked tiles trust the
-    caller that every row sees every key of the tile.
+    interval [row_lo, row_hi] (key indices) and read no key at or past key_end (the block's
+    key range end, so no key that no row of the block sees); unmasked tiles trust the caller
+    that every row sees every key of the tile.
     """
     for n0 in range(start, end, BLOCK_N):
         if MASKED:
             keys = n0 + offs_n
-            k = _load_2d(k_ptr + k_offs, keys < seq_kv, d_ok, True, MASK_D)
+            k = _load_2d(k_ptr + k_offs, keys < key_end, d_ok, True, MASK_D)
         else:  # the whole tile is in bounds (row_ok is unused)
             k = _load_2d(k_ptr + k_offs, offs_n, d_ok, False, MASK_D)
         # [BLOCK_M, BLOCK_N] scores in fp32, already in log2 units.
@@ -157,18 +168,17 @@ def _attend_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, k_offs, v_offs, stride_kn, str
         if MASKED:
             visible = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] <= row_hi[:, None])
             qk = tl.where(visible, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row that has seen no key yet keeps m = -inf; shift it by 0 instead so that
-            # exp2(-inf - -inf) never produces NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_shift = m_new
+        # tl.max and tl.maximum drop NaN: a NaN score still turns its p (below) and the row NaN.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row whose scores so far are all -inf (no key seen yet, or -inf scores from infinite
+        # q / k, in any tile) keeps m = -inf; shift it by 0 instead so that exp2(-inf - -inf)
+        # never produces NaN: such keys weigh 0, as in softmax.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(qk - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASKED:
-            v = _load_2d(v_ptr + v_offs, keys < seq_kv, d_ok, True, MASK_D)
+            v = _load_2d(v_ptr + v_offs, keys < key_end, d_ok, True, MASK_D)
         else:
             v = _load_2d(v_ptr + v_offs, offs_n, d_ok, False, MASK_D)
         acc = acc * alpha[:, None]
@@ -266,32 +276,34 @@ def _attn_fwd(
     p1_hi = tl.minimum(mid_lo, s_hi)
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base + s_lo.to(tl.int64) * stride_kn, v_base + s_lo.to(tl.int64) * stride_vn,
-        k_offs, v_offs, stride_kn, stride_vn, s_lo, p1_hi, offs_n, d_ok, row_lo, row_hi, seq_kv, qk_scale,
+        k_offs, v_offs, stride_kn, stride_vn, s_lo, p1_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
         BLOCK_N, True, MASK_D, INPUT_PRECISION)
     # Phase 2: the unmasked bulk.
     p2_lo = tl.maximum(mid_lo, s_lo)
     p2_hi = tl.minimum(mid_hi, s_hi)
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base + p2_lo.to(tl.int64) * stride_kn, v_base + p2_lo.to(tl.int64) * stride_vn,
-        k_offs, v_offs, stride_kn, stride_vn, p2_lo, p2_hi, offs_n, d_ok, row_lo, row_hi, seq_kv, qk_scale,
+        k_offs, v_offs, stride_kn, stride_vn, p2_lo, p2_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
         BLOCK_N, False, MASK_D, INPUT_PRECISION)
     # Phase 3: the diagonal and the sequence end.
     p3_lo = tl.maximum(mid_hi, s_lo)
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_base + p3_lo.to(tl.int64) * stride_kn, v_base + p3_lo.to(tl.int64) * stride_vn,
-        k_offs, v_offs, stride_kn, stride_vn, p3_lo, s_hi, offs_n, d_ok, row_lo, row_hi, seq_kv, qk_scale,
+        k_offs, v_offs, stride_kn, stride_vn, p3_lo, s_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
         BLOCK_N, True, MASK_D, INPUT_PRECISION)
 
-    # Rows that saw no key (l = 0, acc = 0) come out as zeros.
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    # Rows that see no key of this split's range come out as zeros (weight nothing in the merge),
+    # whatever the tiles held (0 x NaN in v is NaN). A row that does see keys divides by l > 0,
+    # or by l = 0 when every score it saw was -inf (only from infinite q or k): NaN, as softmax.
+    sees = tl.maximum(row_lo, s_lo) <= tl.minimum(row_hi, s_hi - 1)
+    l_rows = tl.where(sees, l_i, 1.0)  # rows that see nothing: 0 / 1, not 0 / 0
+    o = tl.where(sees[:, None], acc / l_rows[:, None], 0.0)
     if SPLIT:
         # Workspace [B * head_groups, num_splits, rows_padded, BLOCK_D], fully written.
         rows_padded = tl.num_programs(0) * BLOCK_M
         ws_row = (pid_bh.to(tl.int64) * num_splits + split) * rows_padded + rows
         tl.store(PartialO + ws_row[:, None] * BLOCK_D + offs_d[None, :], o)
-        tl.store(PartialLSE + ws_row, tl.where(seen, m_i + tl.log2(l_safe), float("-inf")))
+        tl.store(PartialLSE + ws_row, tl.where(sees, m_i + tl.log2(l_rows), float("-inf")))
     else:
         o_rows = _row_offsets(rows, b, hp, stride_ob, stride_oh, stride_om, PACK)
         o_ptrs = Out + o_rows[:, None] + offs_d[None, :] * stride_od
@@ -312,7 +324,12 @@ def _merge_splits(
     with M = max_s lse_s. Grid: (rows, B * head_groups); the workspace rows are those of
     _attn_fwd, padded to rows_padded. All splits of the row are loaded in one [SPLITS, D] tile,
     so the merge pays one memory latency, not one per split (decode at batch 1 has few rows
-    and up to 64 splits)."""
+    and up to 64 splits).
+
+    A split with lse = -inf counted no key: it saw none (o = 0) or only -inf scores (o = 0/0 =
+    NaN). It weighs exactly nothing, NaN included; only when no split counted a key is the row
+    sum(o) * 0: zeros for a row that sees no key, NaN (as softmax) for one whose every visible
+    score is -inf."""
     row = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // head_groups
@@ -326,7 +343,8 @@ def _merge_splits(
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # a row no split saw: all weights 0
     w_sum = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
+    counted = tl.sum(tl.where((lse == float("-inf"))[:, None], 0.0, w[:, None] * o), 0)
+    out = tl.where(w_sum > 0.0, counted / tl.where(w_sum > 0.0, w_sum, 1.0), tl.sum(o, 0) * 0.0)
     o_row = b.to(tl.int64) * stride_ob + (hp * PACK + row % PACK).to(tl.int64) * stride_oh \
         + (row // PACK).to(tl.int64) * stride_om
     tl.store(Out + o_row + offs_d * stride_od, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
@@ -412,7 +430,9 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
     Returns:
         [B, Hq, Sq, D] in q's dtype: ``out`` when given, else a new tensor laid out like q
         (``torch.empty_like``: a [B, S, H, D]-transposed q gives a [B, S, H, D]-transposed out).
-        Rows that see no key (queries at negative positions) are zeros.
+        Rows that see no key (queries at negative positions) are zeros. NaN / inf: as softmax
+        math per row, except that a non-finite v can also reach rows of the same row block
+        that do not see its key (module docstring, "NaN and inf").
 
     Sq <= DECODE_MAX_Q takes the decode layout (GQA group packed into the rows); either path
     splits the key range (flash-decoding) when the grid alone would leave SMs idle.
@@ -437,6 +457,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
         out = torch.empty_like(q)  # q's layout when dense (what the custom op's fake returns)
     else:
         checks.out_like(out, q, "q")
+        checks.disjoint("out", out, q=q, k=k, v=v)  # programs read q/k/v rows others write
     if out.numel() == 0:
         return out
 

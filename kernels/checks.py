@@ -120,8 +120,10 @@ def attention_args(q, k, v, chunk_size, scale, kv_start, kv_len=None):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     if isinstance(kv_start, torch.Tensor):
         tensor("kv_start", kv_start, ndim=1, dtypes=(torch.int32, torch.int64))
         if kv_start.shape[0] != B:
@@ -149,8 +151,8 @@ def rms_norm_args(x, weight, eps):
         tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES)
         if weight.shape[0] != x.shape[-1]:
             raise ValueError(f"weight has {weight.shape[0]} elements but x's last dimension is {x.shape[-1]}")
-    if not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a non-negative finite float, got {eps!r}")
 
 
 def qk_prologue_args(q, k, cos, sin, qk_norm_eps, positions, temperature, q_out, k_out):
@@ -176,15 +178,17 @@ def qk_prologue_args(q, k, cos, sin, qk_norm_eps, positions, temperature, q_out,
                 raise ValueError(f"{name} must be [B={B} or 1, S={S}, D/2={D // 2}], got {tuple(t.shape)}")
         same_device(q=q, cos=cos, sin=sin)
     if qk_norm_eps is not None and (isinstance(qk_norm_eps, bool) or not isinstance(qk_norm_eps, (int, float))
-                                    or not qk_norm_eps >= 0):
-        raise ValueError(f"qk_norm_eps must be a non-negative float or None, got {qk_norm_eps!r}")
+                                    or not 0 <= qk_norm_eps < math.inf):
+        raise ValueError(f"qk_norm_eps must be a non-negative finite float or None, got {qk_norm_eps!r}")
     if temperature is not None:
         if not (isinstance(temperature, (tuple, list)) and len(temperature) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in temperature)):
             raise TypeError(f"temperature must be a (floor_scale, attn_scale) pair of floats or None, "
                             f"got {temperature!r}")
-        if not temperature[0] > 0:
-            raise ValueError(f"temperature's floor_scale must be positive, got {temperature[0]!r}")
+        if not 0 < temperature[0] < math.inf:
+            raise ValueError(f"temperature's floor_scale must be positive and finite, got {temperature[0]!r}")
+        if not math.isfinite(temperature[1]):
+            raise ValueError(f"temperature's attn_scale must be finite, got {temperature[1]!r}")
         if positions is None:
             raise ValueError("positions is required with temperature: the query scale depends on the position")
     if positions is not None:
@@ -199,6 +203,14 @@ def qk_prologue_args(q, k, cos, sin, qk_norm_eps, positions, temperature, q_out,
         out_like(q_out, q, "q", "q_out")
     if k_out is not None:
         out_like(k_out, k, "k", "k_out")
+    # An output may be the very tensor it replaces (in place: each program reads its tile of q
+    # or k before writing the same elements, and no other program touches them); any other
+    # overlap with an input or the other output would be read after another program wrote it.
+    inputs = dict(q=q, k=k, cos=cos, sin=sin, positions=positions)
+    if q_out is not None:
+        disjoint("q_out", q_out, in_place_of="q", **inputs, k_out=k_out)
+    if k_out is not None:
+        disjoint("k_out", k_out, in_place_of="k", **inputs)
 
 
 def interpreting() -> bool:
@@ -260,3 +272,75 @@ def out_like(out, like: torch.Tensor, like_name: str, name: str = "out", shape: 
     if _overlapping(out):
         raise ValueError(f"{name} has overlapping elements (shape {tuple(out.shape)}, strides {out.stride()}), "
                          "e.g. a broadcast (stride-0) view: each element must have its own memory")
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, one past the last byte] of t's elements (strides are never negative)."""
+    span = 1
+    for n, st in zip(t.shape, t.stride()):
+        span += (n - 1) * st
+    lo = t.data_ptr()
+    return lo, lo + span * t.itemsize
+
+
+def _arc(t: torch.Tensor, period: int):
+    """(first byte modulo `period`, width) of the bytes t occupies within each period, when
+    every stride of t is a multiple of the period except those of an inner block narrower
+    than it; else None."""
+    width = t.itemsize
+    for n, st in zip(t.shape, t.stride()):
+        if n > 1 and (st * t.itemsize) % period:
+            width += (n - 1) * st * t.itemsize
+    return (t.data_ptr() % period, width) if width <= period else None
+
+
+def _interleaved_apart(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b, though their byte ranges meet, each lie in one arc of bytes modulo a
+    common period (a row stride) and the arcs do not meet: e.g. the q and k column slices of one
+    fused qkv projection output."""
+    strides = {st * t.itemsize for t in (a, b) for n, st in zip(t.shape, t.stride()) if n > 1 and st}
+    for period in sorted(strides):
+        arc_a, arc_b = _arc(a, period), _arc(b, period)
+        if arc_a and arc_b:
+            (a0, wa), (b0, wb) = arc_a, arc_b
+            if (b0 - a0) % period >= wa and (a0 - b0) % period >= wb:
+                return True
+    return False
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor, a_range: tuple[int, int] | None = None) -> bool:
+    """False when a and b provably share no byte of memory: empty, on different devices, apart
+    in memory, or interleaved but apart (_interleaved_apart). True when they do overlap, and
+    (rarely) when disjointness cannot be shown this way. a_range: _byte_range(a), if known."""
+    if not a.numel() or not b.numel() or a.get_device() != b.get_device():
+        return False
+    (a_lo, a_hi), (b_lo, b_hi) = a_range or _byte_range(a), _byte_range(b)
+    return a_lo < b_hi and b_lo < a_hi and not _interleaved_apart(a, b)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b map every index to the same address (strides of size-1 dimensions do not count)."""
+    if a is b:
+        return True
+    strides = [[st for n, st in zip(t.shape, t.stride()) if n > 1] for t in (a, b)]
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and strides[0] == strides[1]
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def disjoint(name: str, out: torch.Tensor, *, in_place_of: str | None = None, **others):
+    """The output `out` (called `name`) must share no memory with the tensors in `others`
+    (None entries are skipped), except that it may be exactly the tensor named `in_place_of`
+    (same storage, shape and strides) when the kernel supports running in place. Skipped
+    while torch.compile traces (fake tensors have no addresses; the kernel checks again)."""
+    if torch.compiler.is_compiling():
+        return
+    out_range = _byte_range(out)
+    for other_name, other in others.items():
+        if other is None:
+            continue
+        if other_name == in_place_of and _same_view(out, other):
+            continue
+        if may_overlap(out, other, out_range):
+            also = f" (or be exactly {in_place_of}, in place)" if in_place_of else ""
+            raise ValueError(f"{name} overlaps {other_name} in memory: an output must not share memory "
+                             f"with an input or another output{also}")

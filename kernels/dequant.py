@@ -119,17 +119,21 @@ def rowwise_epilogue(acc, a_scale, s_ptr, stride_sn, cols, col_mask, WEIGHT_FORM
 
 @triton.jit
 def _round_to_e4m3(v):
-    """v (fp32, |v| <= 448) rounded to the nearest e4m3 value (ties to even), still in fp32, so
-    the cast to float8_e4m3fn that follows is exact. Done by hand because Triton's interpreter
-    drops the carry when rounding crosses a power of two (127.9 -> 64); on the GPU the cast
-    alone would round the same way. Normal range (|v| >= 2^-6): keep 3 mantissa bits by adding
-    half an ulp (plus the kept lowest bit, for ties to even) and truncating; subnormals: steps
-    of 2^-9, rounded with the 1.5 * 2^23 add-subtract trick."""
+    """v (fp32, |v| <= 448, or NaN) rounded to the nearest e4m3 value (ties to even), still in
+    fp32, so the cast to float8_e4m3fn that follows is exact; NaN stays NaN. Done by hand because
+    Triton's interpreter drops the carry when rounding crosses a power of two (127.9 -> 64); on
+    the GPU the cast alone would round the same way. Normal range (|v| >= 2^-6): keep 3 mantissa
+    bits by adding half an ulp (plus the kept lowest bit, for ties to even) and truncating;
+    subnormals: steps of 2^-9, rounded with the 1.5 * 2^23 add-subtract trick."""
     bits = v.to(tl.uint32, bitcast=True)
     lowest_kept = (bits >> 20) & 1
     normal = ((bits + 0x7FFFF + lowest_kept) & 0xFFF00000).to(tl.float32, bitcast=True)
     sub = ((v * 512.0 + 12582912.0) - 12582912.0) / 512.0
-    return tl.where(tl.abs(v) >= 0.015625, normal, sub)
+    rounded = tl.where(tl.abs(v) >= 0.015625, normal, sub)
+    # NaN stays NaN, with its three top mantissa bits set: e4m3's only NaN is S.1111.111, and the
+    # interpreter's cast keeps the top mantissa bits (the usual quiet NaN 0x7FC00000 would turn
+    # into 384); the GPU's cast keeps any NaN.
+    return tl.where(v != v, (bits | 0x7FF00000).to(tl.float32, bitcast=True), rounded)
 
 
 @triton.jit
@@ -138,7 +142,14 @@ def fp8_quantize_rows_kernel(x_ptr, stride_xm, stride_xk, q_ptr, stride_qm, stri
                              HAS_UB: tl.constexpr, MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """Program (m, g) quantizes x[m, g * group_k : (g + 1) * group_k] to float8_e4m3fn with one
     scale: amax (clamped to scale_ub when HAS_UB) / 448, at least MIN_SCALE; q = x / scale
-    saturated to +-448. Per token: group_k = K and one group."""
+    saturated to +-448. Per token: group_k = K and one group.
+
+    NaN and inf follow that float math, as the torch twin (quant.quantize_fp8_activations_ref)
+    does: a NaN in the group makes its scale NaN and every q NaN; an inf (without HAS_UB) makes
+    the scale inf, q NaN where x is infinite and 0 elsewhere; so either dequantizes to NaN and
+    a GEMM row that reads the group is NaN. With HAS_UB an inf is an outlier like any other:
+    the scale stays scale_ub / 448 and q saturates to +-448 (finite), as the bound intends.
+    Every max/min/clamp below propagates NaN: Triton's default (like the GPU's max.f32) drops it."""
     m = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     k_lo = g * group_k
@@ -147,14 +158,15 @@ def fp8_quantize_rows_kernel(x_ptr, stride_xm, stride_xk, q_ptr, stride_qm, stri
     for k0 in range(k_lo, k_hi, BLOCK):
         kk = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + m * stride_xm + kk * stride_xk, mask=kk < k_hi, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    row_max = tl.max(amax, axis=0)
+        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    # tl.max has no NaN-propagating mode: a NaN lane is looked for separately.
+    row_max = tl.where(tl.max((amax != amax).to(tl.int32), axis=0) > 0, float("nan"), tl.max(amax, axis=0))
     if HAS_UB:
-        row_max = tl.minimum(row_max, scale_ub)
-    scale = tl.maximum(row_max / 448.0, MIN_SCALE)
+        row_max = tl.minimum(row_max, scale_ub, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.maximum(row_max / 448.0, MIN_SCALE, propagate_nan=tl.PropagateNan.ALL)
     for k0 in range(k_lo, k_hi, BLOCK):
         kk = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + m * stride_xm + kk * stride_xk, mask=kk < k_hi, other=0.0).to(tl.float32)
-        q = _round_to_e4m3(tl.clamp(x / scale, -448.0, 448.0))
+        q = _round_to_e4m3(tl.clamp(x / scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL))
         tl.store(q_ptr + m * stride_qm + kk * stride_qk, q.to(q_ptr.dtype.element_ty), mask=kk < k_hi)
     tl.store(s_ptr + m * stride_sm + g * stride_sg, scale)

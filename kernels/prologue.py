@@ -16,8 +16,13 @@ q_out=None, k_out=None) -> (q', k')``
 
     q' is written whenever any step is set or q_out is given; k' whenever RoPE or qk-norm is
     set or k_out is given. A written result goes to q_out / k_out (any strides, e.g. a view
-    of the KV cache; must not overlap the inputs) or to a new contiguous [B, S, H, D] tensor;
-    a tensor that is not written is returned as it came.
+    of the KV cache) or to a new contiguous [B, S, H, D] tensor; a tensor that is not written
+    is returned as it came. In place is allowed (q_out=q, k_out=k: each program reads its tile
+    before it writes the same elements, and no other program touches them); any other overlap
+    of an output with an input or with the other output is refused (ValueError).
+    NaN / inf follow the fp32 math of the steps (no max/min/clamp anywhere): RoPE spreads a
+    non-finite value to its pair; qk-norm makes a head row holding a NaN all NaN, and one
+    holding an inf NaN there and 0 elsewhere (x * rsqrt(inf)), as ``ops.rms_norm``.
 ``plan_outputs(q, k, q_out, k_out, *, rope, qk_norm, temperature) -> (q_out, k_out)``
     That rule alone: the buffers a launch writes (allocated when not given), None for a
     tensor passed through. The triton backend allocates with it outside its custom op.
@@ -197,7 +202,8 @@ def qk_prologue(q: torch.Tensor, k: torch.Tensor, *, cos: torch.Tensor | None = 
         qk_norm_eps: eps of the weight-free L2 norm, or None (no norm).
         positions: [S] or [B, S] int32/int64 absolute positions; only with temperature.
         temperature: (floor_scale, attn_scale) of the NoPE layers, or None.
-        q_out, k_out: optional outputs like q / k, any strides.
+        q_out, k_out: optional outputs like q / k, any strides; q itself / k itself (in place)
+            or memory no input and not the other output uses.
 
     Returns:
         (q', k') as described in the module doc. No host sync: everything stays on the

@@ -93,6 +93,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: 
     kv_len: None, or an int tensor [B] with Sq <= kv_len[b] <= Skv: only the first kv_len[b]
     keys of sequence b exist (its queries are the last Sq of those). A decode step passes the
     whole static cache buffer and keeps the fill level on the device (CUDA graphs, no sync).
+
+    NaN / inf follow softmax math per query (a query that sees a NaN is NaN; one whose every
+    visible score is -inf is NaN too), except that a non-finite v may also reach queries of the
+    same block that do not see its key (0 x NaN); keys no query of the block sees (padding,
+    past kv_len) never matter. Details: `llama4_fast.kernels.attention`'s module docstring.
     """
     checks.attention_args(q, k, v, chunk_size, scale, kv_start, kv_len)
     return registry.call("attention", q, k, v, chunk_size=chunk_size, scale=scale, kv_start=kv_start,
@@ -102,7 +107,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension, computed in fp32 and cast back to x's dtype, then times
     `weight` [x.shape[-1]] (as transformers: the product takes the promoted dtype). With
-    weight=None it is Llama 4's weight-free L2 qk-norm."""
+    weight=None it is Llama 4's weight-free L2 qk-norm. eps: a finite float >= 0.
+    NaN / inf as the float math gives: a row holding a NaN is NaN; one holding an inf is NaN
+    there and 0 elsewhere (x / sqrt(inf))."""
     checks.rms_norm_args(x, weight, eps)
     return registry.call("rms_norm", x, weight, eps)
 
@@ -141,10 +148,12 @@ def qk_prologue(q: torch.Tensor, k: torch.Tensor, *, cos: torch.Tensor | None = 
 
     Returns (q', k') in the input dtype. q' is written whenever a step is set or q_out is
     given; k' whenever RoPE or qk-norm is set or k_out is given. A written result goes into
-    q_out / k_out (shaped like q / k, any strides, e.g. a [B, S, Hkv, D] view of a KV cache;
-    must not overlap the inputs) or a new contiguous tensor; a tensor that is not written comes
-    back as it was given (no copy). The torch backend rounds to the input dtype between steps
-    as the separate ops do; the triton backend keeps fp32 throughout (one rounding).
+    q_out / k_out (shaped like q / k, any strides, e.g. a [B, S, Hkv, D] view of a KV cache) or
+    a new contiguous tensor; a tensor that is not written comes back as it was given (no copy).
+    q_out may be q itself (in place; likewise k_out and k), but an output that otherwise
+    overlaps an input or the other output is refused (ValueError naming it). The torch backend
+    rounds to the input dtype between steps as the separate ops do; the triton backend keeps
+    fp32 throughout (one rounding).
     """
     checks.qk_prologue_args(q, k, cos, sin, qk_norm_eps, positions, temperature, q_out, k_out)
     return registry.call("qk_prologue", q, k, cos=cos, sin=sin, qk_norm_eps=qk_norm_eps, positions=positions,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llama4_fast.kernels import checks
 from llama4_fast.kernels.dequant import FP8_MAX
 from llama4_fast.kernels.quant_matmul import MIN_FP8_SCALE, format_code, quant_weight_args
 
@@ -83,8 +84,7 @@ class Fp8Weight:
         *lead, K, N = self.qweight.shape
         quant_weight_args("qweight", format_code(self.kernel_format, None), self.qweight, self.scale, None,
                           None, K, N, lead)
-        if self.act_scale_ub is not None and not self.act_scale_ub > 0:
-            raise ValueError(f"act_scale_ub must be positive or None, got {self.act_scale_ub!r}")
+        self.act_scale_ub = checks.scale_bound("act_scale_ub", self.act_scale_ub)  # None, or positive and finite
 
     @property
     def kernel_format(self) -> str:
@@ -230,20 +230,22 @@ def _expand_blocks(scale: torch.Tensor, K: int, N: int) -> torch.Tensor:
 def quantize_fp8_activations_ref(x: torch.Tensor, group_size: int | None = None,
                                  scale_ub: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """torch twin of kernels.quant_matmul.quantize_fp8_activations: x [M, K] -> (xq e4m3,
-    scale [M] or [M, cdiv(K, 128)] float32)."""
+    scale [M] or [M, cdiv(K, 128)] float32). NaN and inf take the plain float math, which the
+    kernel matches: a NaN makes its group's scale and every q NaN; an inf (no scale_ub) makes
+    the scale inf, q NaN at the inf and 0 elsewhere; with scale_ub an inf saturates to +-448."""
     xf = x.float()
     M, K = xf.shape
     if group_size is None:
         groups = xf.reshape(M, 1, K)
     else:
         pad = _cdiv(K, group_size) * group_size - K
-        groups = torch.nn.functional.pad(xf, (0, pad)).reshape(M, -1, group_size)
+        groups = torch.nn.functional.pad(xf, (0, pad)).reshape(M, _cdiv(K, group_size), group_size)
     amax = groups.abs().amax(dim=-1)
     if scale_ub is not None:
         amax = amax.clamp(max=scale_ub)
     scale = (amax / FP8_MAX).clamp(min=MIN_FP8_SCALE)
     q = (groups / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    q = q.reshape(M, -1)[:, :K]
+    q = q.flatten(1)[:, :K]  # (flatten, not reshape(M, -1): M may be 0)
     return q, (scale[:, 0] if group_size is None else scale)
 
 

@@ -110,9 +110,18 @@ def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None):
         scores = torch.matmul(qg[:, :, :, i0:i1].float(), k[:, :, None, lo:hi].float().transpose(-1, -2))
         scores = scores * scale
         scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
-        out[:, :, :, i0:i1] = torch.matmul(probs, v[:, :, None, lo:hi].float()).to(q.dtype)
+        probs = torch.softmax(scores, dim=-1)
+        out[:, :, :, i0:i1] = _weighted_values(probs, v[:, :, None, lo:hi], visible).to(q.dtype)
     return out.reshape(B, Hq, Sq, D)
+
+
+def _weighted_values(probs, values, visible):
+    """probs @ values with softmax's NaN/inf kept, except where masking says otherwise: a row
+    that sees no key is zeros (its softmax is 0/0), and a key that no row sees (padding, past
+    kv_len, outside every row's chunk) is zeroed first, so a NaN in its v (0 x NaN) never
+    matters. visible [B, 1, 1, q, keys] broadcasts against probs [B, Hkv, group, q, keys]."""
+    values = values.float().masked_fill(~visible.any(-2)[..., None], 0.0)
+    return torch.matmul(probs, values).masked_fill(~visible.any(-1, keepdim=True), 0.0)
 
 
 def _attention_with_lengths(q, k, v, chunk_size, scale, starts, kv_len):
@@ -125,10 +134,10 @@ def _attention_with_lengths(q, k, v, chunk_size, scale, starts, kv_len):
     qg = q.reshape(B, Hkv, Hq // Hkv, Sq, D).float()
     scores = torch.matmul(qg, k[:, :, None].float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    # Zero the slots past kv_len: 0 * (whatever a stale cache slot holds) must not be NaN.
-    values = v.float().masked_fill((keys >= kv_len)[:, None, :, None], 0.0)
-    return torch.matmul(probs, values[:, :, None]).to(q.dtype).reshape(B, Hq, Sq, D)
+    probs = torch.softmax(scores, dim=-1)
+    # Slots past kv_len are seen by no row: 0 * (whatever a stale cache slot holds) is not NaN.
+    out = _weighted_values(probs, v[:, :, None], visible[:, None, None])
+    return out.to(q.dtype).reshape(B, Hq, Sq, D)
 
 
 @registry.register("rms_norm", "torch")
