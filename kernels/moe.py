@@ -56,7 +56,7 @@ from . import checks
 from .device import sm_count
 from .tiling import COMBINE_BLOCK_N, combine_splits_kernel, grouped_tile
 from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
-from .quant_matmul import format_code, quant_weight_args, quantize_fp8_activations
+from .quant_matmul import block_k_args, format_code, quant_weight_args, quantize_fp8_activations
 from .routing import dispatch_metadata
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "moe_h100.json"
@@ -401,7 +401,7 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
               weight_format: str | None = None, gate_up_scale: torch.Tensor | None = None,
               down_scale: torch.Tensor | None = None, gate_up_zero: torch.Tensor | None = None,
               down_zero: torch.Tensor | None = None, group_size: int = 128,
-              act_scale_ub: float | None = None) -> torch.Tensor:
+              act_scale_ub: float | None = None, config: MoeConfig | None = None) -> torch.Tensor:
     """Routed SwiGLU experts, computing only the chosen (token, expert) pairs.
 
     hidden_states: [T, H] float16/bfloat16/float32, any strides.
@@ -427,6 +427,9 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
                    "int4": uint8 [E, H / 2, 2I] / [E, I / 2, H] packed along K, scales
                    [E, K / group_size, N], zero points likewise (uint8) or None (symmetric).
                    The router weight multiplies the fp32 GEMM result, after any scales.
+    config:        optional MoeConfig replacing `launch_config`'s choice, split_k included
+                   (tests force tile sizes with it: K steps inside one scale group, the
+                   direct or the sorted path); validated by `config_args`.
 
     Returns [T, H] in hidden_states' dtype: sum over the k choices of
     down(silu(x_w @ gate) * (x_w @ up)), accumulated in fp32. The shared expert is not included.
@@ -439,13 +442,17 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
                                    gate_up_zero, down_zero, group_size, act_scale_ub)
         checks.routing_args(hidden_states, topk_weights, topk_ids, gate_up_proj.shape[0])
     checks.kernel_device("hidden_states", hidden_states, "fused_moe", checks.INTERPRETER_BF16_DOT)
+    if config is not None:
+        config_args(config, quant)
     if out is None:
         out = torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
     else:
         checks.out_like(out, hidden_states, "hidden_states")
+        checks.disjoint("out", out, hidden_states=hidden_states, gate_up_proj=gate_up_proj, down_proj=down_proj,
+                        topk_weights=topk_weights, topk_ids=topk_ids)
     if hidden_states.shape[0] == 0:
         return out
-    cfg = launch_config(hidden_states, gate_up_proj, down_proj, topk_ids.shape[1], quant)
+    cfg = config or launch_config(hidden_states, gate_up_proj, down_proj, topk_ids.shape[1], quant)
     return _launch(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
                    apply_router_weight_on_input, out, cfg, quant)
 
@@ -466,6 +473,24 @@ def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_
     least = 32 if quant.code in (INT4_SYM.value, INT4_ASYM.value) else 16
     return replace(cfg, gate_up=replace(cfg.gate_up, block_k=max(least, min(cfg.gate_up.block_k, quant.group_k))),
                    down=replace(cfg.down, block_k=max(least, min(cfg.down.block_k, quant.group_k))))
+
+
+def config_args(cfg, quant: ExpertQuant | None = None):
+    """Check a caller's MoeConfig (fused_moe's `config=`): tiles powers of two >= 16 (tl.dot's
+    least shape), positive counts, and for quantized experts K steps inside one scale group."""
+    if not isinstance(cfg, MoeConfig) or not all(isinstance(g, GemmConfig) for g in (cfg.gate_up, cfg.down)):
+        raise TypeError(f"config must be a MoeConfig of two GemmConfigs, got {cfg!r}")
+    _pow2("config.block_m", cfg.block_m)
+    for name, g in (("gate_up", cfg.gate_up), ("down", cfg.down)):
+        _pow2(f"config.{name}.block_n", g.block_n)
+        _pow2(f"config.{name}.block_k", g.block_k)
+        _pow2(f"config.{name}.num_warps", g.num_warps, 1)
+        for field in ("group_m", "num_stages", "split_k"):
+            v = getattr(g, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"config.{name}.{field} must be a positive int, got {v!r}")
+        if quant is not None:
+            block_k_args(f"config.{name}.block_k", g.block_k, quant.code, quant.group_k)
 
 
 def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig,

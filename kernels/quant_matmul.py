@@ -20,6 +20,7 @@ run time (`quantize_fp8_activations`: per token, or per 1x128 group for fp8_bloc
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -187,7 +188,7 @@ def quant_weight_args(name: str, code: int, qweight, scale, zero, group_size, K:
 
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *, weight_format: str,
                  zero: torch.Tensor | None = None, group_size: int = 128, act_scale_ub: float | None = None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, config: MatmulConfig | None = None) -> torch.Tensor:
     """y = x @ W for a quantized W of logical shape [K, N] (formats: kernels/dequant.py).
 
     x:          [M, K] float16/bfloat16/float32, any strides.
@@ -201,6 +202,9 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     group_size: int4 group along K (power of two >= 32 dividing K).
     act_scale_ub: FP8 only: upper bound on a token's activation amax (fbgemm_fp8: 1200).
     out:        optional [M, N] tensor in x's dtype (every element is written).
+    config:     optional MatmulConfig replacing `launch_config`'s choice (tests force tile
+                sizes with it, e.g. several K steps inside one int4 group); validated by
+                `config_args`.
 
     Returns [M, N] in x's dtype, accumulated in fp32. FP8 formats quantize x at run time (per
     token; per 1x128 group for fp8_block) with `quantize_fp8_activations`.
@@ -215,10 +219,14 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     N = qweight.shape[1]
     scale2d = quant_weight_args("qweight", code, qweight, scale, zero, group_size, K, N)
     checks.same_device(x=x, qweight=qweight, scale=scale, **({} if zero is None else {"zero": zero}))
+    group_k = group_size if is_int4 else FP8_BLOCK_SIZE.value
+    if config is not None:
+        config_args(config, code, group_k)
     if out is None:
         out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     else:
         checks.out_like(out, x, "x", shape=(M, N))  # x's dtype and device, [M, N]
+        checks.disjoint("out", out, x=x, qweight=qweight, scale=scale, zero=zero)
     if M == 0:
         return out
     if K == 0:  # an empty sum; the kernel would still read a scale row that does not exist
@@ -231,8 +239,9 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
                                               scale_ub=act_scale_ub)
         precision = "tf32"  # unused by fp8 dots
     a_scale2d = a_scale if a_scale.dim() == 2 else a_scale[:, None]
-    cfg = launch_config(M, N, K, code, group_size, _num_sms(x.device))
-    block_m, block_n, block_k, group_m, num_warps, num_stages, split = cfg
+    if config is None:
+        config = launch_config(M, N, K, code, group_size, _num_sms(x.device))
+    block_m, block_n, block_k, group_m, num_warps, num_stages, split = config
     dest = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     z = zero if zero is not None else qweight  # placeholder, never read
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split)
@@ -242,7 +251,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         z, z.stride(0), z.stride(1),
         dest, dest.stride(-2), dest.stride(-1), dest.stride(0) if split > 1 else 0,
         M, N, K, split,
-        WEIGHT_FORMAT=code, GROUP_K=group_size if is_int4 else FP8_BLOCK_SIZE.value, DOT_PRECISION=precision,
+        WEIGHT_FORMAT=code, GROUP_K=group_k, DOT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
         num_warps=num_warps, num_stages=num_stages)
     if split > 1:  # one launch sums the splits in a fixed order and casts (deterministic)
@@ -256,9 +265,50 @@ def _num_sms(device: torch.device) -> int:
     return sm_count(device) or 1  # the interpreter runs programs one after another: splitting never pays
 
 
+class MatmulConfig(NamedTuple):
+    """Tiles and launch parameters of one quant_matmul call (split_k: K split across programs,
+    their fp32 partials summed by the combine kernel)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    split_k: int
+
+
+def block_k_args(name: str, block_k: int, code: int, group_k: int):
+    """A K step of a quantized GEMM must lie inside one scale group: BLOCK_K divides the int4
+    group (and is at least 32: two nibble-plane dots of 16) or FP8's 128 (fp8_block's K block;
+    rowwise FP8 promotes its fast accumulation at least every 128 products too)."""
+    least = 32 if code in (INT4_SYM.value, INT4_ASYM.value) else 16
+    if block_k < least or group_k % block_k:
+        raise ValueError(f"{name} must be a power of two >= {least} dividing the K group of {group_k} "
+                         f"(one scale per K step), got {block_k}")
+
+
+def config_args(cfg, code: int, group_k: int):
+    """Check a caller's MatmulConfig (quant_matmul's `config=`): powers of two >= 16 for the
+    tiles (tl.dot's least shape), positive counts, BLOCK_K inside one scale group."""
+    if not isinstance(cfg, MatmulConfig):
+        raise TypeError(f"config must be a MatmulConfig, got {type(cfg).__name__}")
+    for field in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, field)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
+            raise ValueError(f"config.{field} must be a power of two >= 16, got {v!r}")
+    for field in ("group_m", "num_warps", "num_stages", "split_k"):
+        v = getattr(cfg, field)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.{field} must be a positive int, got {v!r}")
+    if cfg.num_warps & (cfg.num_warps - 1):
+        raise ValueError(f"config.num_warps must be a power of two, got {cfg.num_warps}")
+    block_k_args("config.block_k", cfg.block_k, code, group_k)
+
+
 @functools.lru_cache(maxsize=4096)
-def launch_config(M: int, N: int, K: int, code: int, group_size: int, num_sms: int):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split_k) for one call.
+def launch_config(M: int, N: int, K: int, code: int, group_size: int, num_sms: int) -> MatmulConfig:
+    """The MatmulConfig (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, split_k)
+    of one call.
 
     BLOCK_K divides the format's K group (int4: group_size; fp8_block: 128) so one K step has
     one scale. Decode (M <= 16) splits K by the grouped MoE GEMM's model (moe._split_k: the
@@ -272,7 +322,7 @@ def launch_config(M: int, N: int, K: int, code: int, group_size: int, num_sms: i
 
         block_m, block_n, block_k, group_m, warps, stages = 16, min(64, n_fit), min(128, k_cap, k_fit), 1, 4, 4
         split = moe._split_k(moe.GemmConfig(block_n, block_k, group_m, warps, stages), 1, N, K, num_sms)
-        return block_m, block_n, block_k, group_m, warps, stages, split
+        return MatmulConfig(block_m, block_n, block_k, group_m, warps, stages, split)
     block_m = 64 if M <= 64 else 128
     block_k = min(64 if code in (INT4_SYM.value, INT4_ASYM.value) else 128, k_cap, k_fit)
-    return block_m, min(128, n_fit), block_k, 8, 8 if block_m == 128 else 4, 3, 1
+    return MatmulConfig(block_m, min(128, n_fit), block_k, 8, 8 if block_m == 128 else 4, 3, 1)

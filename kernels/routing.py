@@ -60,15 +60,17 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, stride_e,
                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program scores BLOCK_T tokens: a [BLOCK_T, BLOCK_E] tile of logits in registers,
     TOP_K rounds of arg-max, the k weights and ids gathered into [BLOCK_T, BLOCK_K] tiles
-    and stored once."""
+    and stored once. Ranking is torch.sort's descending order: NaN above +inf above every
+    other value, equal values (and NaNs among themselves) to the lower index."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < T
     col_ok = cols < E
     ptrs = logits_ptr + rows[:, None].to(tl.int64) * stride_t + cols[None, :] * stride_e
     x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    # Ranking key: NaN ranks above everything, as in torch.topk; padding columns never rank.
-    key = tl.where(x != x, float("inf"), x)
+    # Padding columns never rank. NaN ranks above everything, +inf included (as in torch.topk):
+    # tl.max drops NaN, so NaNs are taken first by a separate test, then the finite/inf max.
+    is_nan = x != x
     avail = tl.broadcast_to(col_ok[None, :], (BLOCK_T, BLOCK_E))
     if SOFTMAX:
         row_max = tl.max(tl.where(avail, x, float("-inf")), axis=1)
@@ -79,10 +81,12 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, T, E, stride_t, stride_e,
     top_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     top_i = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(tl.where(avail, key, float("-inf")), axis=1)
-        # Lowest column among the available maxima: ties go to the lower expert index. An
-        # all -inf row still matches (-inf == -inf), so an id is always found.
-        hit = avail & (key == best[:, None])
+        nan_left = tl.max((avail & is_nan).to(tl.int32), axis=1) > 0
+        best = tl.max(tl.where(avail & ~is_nan, x, float("-inf")), axis=1)
+        # Lowest column among the available NaNs, else among the available maxima: ties go to
+        # the lower expert index. An all -inf row still matches (-inf == -inf), so an id is
+        # always found.
+        hit = avail & tl.where(nan_left[:, None], is_nan, x == best[:, None])
         idx = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
         chosen = cols[None, :] == idx[:, None]
         if SOFTMAX:
@@ -107,11 +111,14 @@ def route(router_logits: torch.Tensor, top_k: int, scoring: str = "sigmoid",
 
     router_logits: [T, E] float16/bfloat16/float32, any strides.
     Returns `(topk_weights [T, top_k] float32, topk_ids [T, top_k] int32)`, both contiguous,
-    ids in descending logit order (ties: lower expert index first; NaN ranks highest).
+    ids in descending logit order as torch.sort(descending=True, stable=True) gives it: NaN
+    ranks highest (above +inf), ties go to the lower expert index first.
 
     scoring="sigmoid" (Llama 4): weight = sigmoid(selected logit), computed in fp32.
     scoring="softmax": softmax over all E logits in fp32, then the top k of it;
     renormalize=True rescales the k weights to sum to 1.
+    NaN and inf follow the fp32 math: sigmoid(NaN) is NaN, sigmoid(+-inf) is 1 / 0; a softmax
+    row holding a NaN or a +inf (inf - inf) or only -inf is all NaN, and so are its weights.
     """
     checks.route_args(router_logits, top_k, scoring, renormalize)
     checks.kernel_device("router_logits", router_logits, "route")

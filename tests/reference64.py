@@ -59,14 +59,15 @@ def visible64(B, Sq, Skv, chunk_size=None, kv_start=0):
 
 
 def attention64(q, k, v, chunk_size=None, scale=None, kv_start=0):
-    """Dense masked softmax attention in float64; K/V repeated per query head; rows with no
-    visible key are zero."""
+    """Dense masked softmax attention in float64 (on the CPU); K/V repeated per query head;
+    rows with no visible key are zero."""
     B, Hq, Sq, D = q.shape
     group = Hq // k.shape[1]
-    k = k.double().repeat_interleave(group, dim=1)
-    v = v.double().repeat_interleave(group, dim=1)
+    q, k, v = (t.detach().double().cpu() for t in (q, k, v))
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
     scale = D ** -0.5 if scale is None else scale
-    scores = q.double() @ k.transpose(-1, -2) * scale
+    scores = q @ k.transpose(-1, -2) * scale
     mask = visible64(B, Sq, k.shape[2], chunk_size, kv_start)[:, None]
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
@@ -95,4 +96,110 @@ def temperature64(q, positions, floor_scale, attn_scale):
     pos = positions.reshape(-1, positions.shape[-1])
     steps = [[math.floor(Fraction(int(p) + 1) / Fraction(floor_scale)) for p in row] for row in pos.tolist()]
     scale = torch.log1p(torch.tensor(steps, dtype=torch.float64)) * attn_scale + 1.0
-    return q.double() * scale[:, :, None, None]
+    return q.detach().double().cpu() * scale[:, :, None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantized formats, restated from their layouts (kernels/dequant.py) without llama4_fast.quant:
+# the weights are read from the packed bytes and scales a format object holds (Fp8Weight:
+# qweight, scale, granularity, act_scale_ub; Int4Weight: packed, scale, zero, group_size).
+# ----------------------------------------------------------------------------------------------
+
+E4M3_MAX = 448.0
+FP8_BLOCK = 128  # fp8 "block": 128x128 weight blocks, 1x128 activation groups
+MIN_FP8_SCALE = 1.0 / (E4M3_MAX * 512.0)  # the kernels' floor of an activation scale (all-zero rows)
+
+
+def round_e4m3_64(v):
+    """float64 v (|v| <= 448) to the nearest float8_e4m3fn value, ties to even: 3 mantissa bits
+    for |v| >= 2^-6, steps of 2^-9 below it (subnormals). NaN stays NaN."""
+    _, exp = torch.frexp(v.abs().clamp_min(2.0 ** -6))  # |v| in [2^(exp-1), 2^exp)
+    quantum = torch.pow(2.0, exp.double() - 4)  # 2^(exp-1) / 2^3
+    return torch.round(v / quantum) * quantum  # torch.round rounds half to even
+
+
+def quantize_fp8_act64(x, group=None, scale_ub=None):
+    """Dynamic FP8 activation quantization as the kernels do it, in their fp32 arithmetic:
+    per row (group None) or per 1x128 group, scale = max(min(amax, scale_ub) / 448, MIN),
+    q = round_e4m3(clamp(x / scale, +-448)). -> (q [M, K] float64, scale [M, groups] float64)."""
+    xf = x.detach().float().cpu()
+    M, K = xf.shape
+    width = K if group is None else group
+    starts = range(0, max(K, 1), max(width, 1))
+    q = torch.zeros(M, K, dtype=torch.float64)
+    scale = torch.empty(M, len(starts), dtype=torch.float64)
+    for j, k0 in enumerate(starts):
+        part = xf[:, k0:k0 + width]
+        amax = part.abs().amax(dim=1) if part.shape[1] else torch.zeros(M)
+        if scale_ub is not None:
+            amax = amax.clamp(max=scale_ub)
+        s = (amax / E4M3_MAX).clamp(min=MIN_FP8_SCALE)  # fp32, as the kernel
+        scale[:, j] = s.double()
+        q[:, k0:k0 + width] = round_e4m3_64((part / s[:, None]).clamp(-E4M3_MAX, E4M3_MAX).double())
+    return q, scale
+
+
+def _is_int4(weight):
+    return hasattr(weight, "packed")
+
+
+def activations64(x, weight):
+    """float64 [M, K]: the activations the format's GEMM multiplies. FP8: x quantized per token
+    (per 1x128 group for block scales), amax bounded by act_scale_ub, times its scale; INT4:
+    x as is."""
+    if _is_int4(weight):
+        return x.detach().double().cpu()
+    group = FP8_BLOCK if weight.granularity == "block" else None
+    q, scale = quantize_fp8_act64(x, group, weight.act_scale_ub)
+    return q * scale.repeat_interleave(q.shape[1] if group is None else group, dim=1)[:, :q.shape[1]]
+
+
+def dequantize64(weight):
+    """float64 [*lead, K, N] that a format object stands for.
+    INT4: byte [k // 2, n] holds row 2j in its low nibble and 2j + 1 in its high one; W = (u - z)
+    * s with z = 8 (symmetric) or the zero point of the group. FP8: e4m3 values times the scale
+    of the column (channel), of the whole tensor, or of the 128x128 block."""
+    if _is_int4(weight):
+        packed = weight.packed.cpu()
+        *lead, half_k, N = packed.shape
+        u = torch.empty(*lead, 2 * half_k, N, dtype=torch.float64)
+        u[..., 0::2, :] = (packed & 0xF).double()
+        u[..., 1::2, :] = (packed >> 4).double()
+        g = weight.group_size
+        s = weight.scale.cpu().double().repeat_interleave(g, dim=-2)
+        z = 8.0 if weight.zero is None else weight.zero.cpu().double().repeat_interleave(g, dim=-2)
+        return (u - z) * s
+    w = weight.qweight.cpu().double()
+    *lead, K, N = w.shape
+    s = weight.scale.cpu().double()
+    if weight.granularity == "channel":
+        return w * s.unsqueeze(-2)
+    if weight.granularity == "tensor":
+        return w * s.reshape(*lead, 1, 1)
+    blocks = s.repeat_interleave(FP8_BLOCK, dim=-2).repeat_interleave(FP8_BLOCK, dim=-1)
+    return w * blocks[..., :K, :N]
+
+
+def quant_matmul64(x, weight):
+    """y [M, N] float64 = activations64(x) @ dequantize64(W)."""
+    return activations64(x, weight) @ dequantize64(weight)
+
+
+def quant_moe64(x, gate_up, down, weights, ids, on_input=True):
+    """moe64 for quantized experts (format objects [E, K, N]): per (token, choice) pair,
+    gu = act(x_t) @ W13 (times the router weight on input), h = silu(gate) * up rounded to x's
+    dtype (the kernels store h there), y = act(h) @ W2 (times the weight otherwise)."""
+    w13, w2 = dequantize64(gate_up), dequantize64(down)
+    inter = w13.shape[-1] // 2
+    weights, ids = weights.detach().double().cpu(), ids.cpu()
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e, w = int(ids[t, j]), weights[t, j]
+            gu = activations64(x[t:t + 1], gate_up) @ w13[e]
+            if on_input:
+                gu = gu * w
+            h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
+            y = (activations64(h, down) @ w2[e])[0]
+            out[t] += y if on_input else w * y
+    return out

@@ -155,7 +155,8 @@ def test_kv_len_static_cache(device, monkeypatch, Sq, chunk, splits):
     force_splits(monkeypatch, splits)
     q, k, v = make_qkv(3, 10, 2, Sq, 160, 16, torch.float16, device)
     kv_len = torch.tensor([Sq, 97, 160], dtype=torch.int32, device=device)
-    check_kv_len(chunked_attention, q, k, v, kv_len, chunk_size=chunk, kv_start=torch.tensor([0, -20, 30], device=device))
+    starts = torch.tensor([0, -20, 30], device=device)
+    check_kv_len(chunked_attention, q, k, v, kv_len, chunk_size=chunk, kv_start=starts)
 
 
 def test_kv_len_torch_backend(device):

@@ -118,7 +118,8 @@ def test_split_k_paths(device, T, top_k, block_m, splits):
     x, w13, w2, weights, ids = make_inputs(T, 8, 40, 24, top_k, torch.float32, device)
     for on_input in (True, False):
         out = poisoned(x.shape, x.dtype, device)
-        moe._launch(x, w13, w2, weights, ids, on_input, out, _cfg(block_m, *splits))
+        fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=on_input, out=out,
+                  config=_cfg(block_m, *splits))
         assert_close(out, ref_moe(x, w13, w2, weights, ids, on_input))
 
 

@@ -70,6 +70,21 @@ def test_rope_and_qk_norm_match_float64(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
+def test_qk_norm_of_small_heads_keeps_eps_inside_the_mean_square(dtype):
+    """Heads whose mean square is near eps (1e-5): x * rsqrt(mean(x^2) + eps) differs there from
+    x / (norm + eps) or rsqrt(mean(x^2)) + eps by percents, not by rounding."""
+    B, S, Hq, Hkv, D = 1, 2, 4, 2, 64
+    q, k = projection_views(B, S, Hq, Hkv, D, torch.float32)
+    head_scale = torch.tensor([1e-3, 3e-3, 1e-2, 1.0], device=DEVICE)
+    q, k = (q * head_scale[:Hq, None]).to(dtype), (k * head_scale[:Hkv, None]).to(dtype)
+    got_q, got_k = kernels.qk_prologue(q, k, qk_norm_eps=EPS, q_out=poisoned(q.shape, dtype, DEVICE),
+                                       k_out=poisoned(k.shape, dtype, DEVICE))
+    ref_q, ref_k = reference64(q, k, eps=EPS)
+    assert_close(got_q, ref_q, dtype)
+    assert_close(got_k, ref_k, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "fp32"])
 def test_rope_only_with_shared_tables_and_new_outputs(dtype):
     """Maverick's RoPE layers (no qk-norm): one [1, S, D/2] table for the batch; the kernel
     allocates contiguous outputs; cos/sin given as strided views of a complex freqs_cis."""
@@ -288,3 +303,6 @@ def test_bf16_and_cuda_graph_replay():
     graph.replay()
     for a, b in zip(outs, layers()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    ref_q, ref_k = reference64(q, k, positions, D, EPS)  # the replay is right, not only repeatable
+    for got, ref in zip(outs, (ref_q, ref_k, temperature64(q, positions.cpu(), 8192.0, 0.1))):
+        assert_close(got, ref, torch.bfloat16)

@@ -1,19 +1,21 @@
 """FP8 / INT4 formats (llama4_fast.quant) and the Triton dequant-matmul (kernels/quant_matmul.py).
 
-References are float64 products of the dequantized weight with the activations the format
-really multiplies (FP8: x quantized per token or per 1x128 group, by the torch twin of the
-kernel's quantizer). Interpreter shapes are tiny; activations fp16/fp32 (bf16 dots are wrong in
-the interpreter, see DESIGN.md). K and N are chosen not to be multiples of the tiles or blocks.
+References are tests/reference64.py's float64 products of the weight dequantized from its
+packed bytes and scales with the activations the format really multiplies (FP8: x quantized
+per token or per 1x128 group, restated there), independent of llama4_fast.quant; the bounds are
+helpers.TOL (measured). Interpreter shapes are tiny; activations fp16/fp32 (bf16 dots are wrong
+in the interpreter, see DESIGN.md). K and N are chosen not to be multiples of the tiles or
+blocks, and forced tiles (`config=`) put several K steps inside one scale group.
 """
 
 import importlib
 
 import pytest
 import torch
-from helpers import assert_close, poisoned, rel_err
+from helpers import assert_close, poisoned, quant_tol, rel_err
+from reference64 import quant_matmul64, quantize_fp8_act64
 
-from llama4_fast.quant import (Fp8Weight, Int4Weight, effective_activations, pack_int4,
-                               quantize_fp8_activations_ref, unpack_int4)
+from llama4_fast.quant import Fp8Weight, Int4Weight, pack_int4, quantize_fp8_activations_ref, unpack_int4
 
 qm = importlib.import_module("llama4_fast.kernels.quant_matmul")  # the package exports a same-named function
 
@@ -27,15 +29,11 @@ def make_weight(kind, option, K, N, device, group_size=32):
     return w, Int4Weight.quantize(w, group_size, symmetric=option)
 
 
-def run(x, W, out=None):
+def run(x, W, out=None, config=None):
     tensors = dict(zero=W.zero, group_size=W.group_size) if isinstance(W, Int4Weight) else \
         dict(act_scale_ub=W.act_scale_ub)
     q = W.packed if isinstance(W, Int4Weight) else W.qweight
-    return qm.quant_matmul(x, q, W.scale, weight_format=W.kernel_format, out=out, **tensors)
-
-
-def reference64(x, W):
-    return effective_activations(x, W).double() @ W.dequantize(torch.float32).double()
+    return qm.quant_matmul(x, q, W.scale, weight_format=W.kernel_format, out=out, config=config, **tensors)
 
 
 # -- formats ---------------------------------------------------------------------------------
@@ -82,6 +80,8 @@ def test_fp8_activation_quantization_matches_torch(device, group_size, ub):
     qr, sr = quantize_fp8_activations_ref(x, group_size, ub)
     assert torch.equal(s, sr)
     assert torch.equal(q.float(), qr.float())
+    q64, s64 = quantize_fp8_act64(x, group_size, ub)  # the rounding restated in float64
+    assert torch.equal(q.double().cpu(), q64) and torch.equal(s.double().cpu().reshape(s64.shape), s64)
     if ub is not None:
         assert (s <= ub / 448 + 1e-9).all() and q.float().abs().max() == 448  # outliers saturate
 
@@ -100,7 +100,43 @@ def test_quant_matmul_matches_float64(device, kind, option, M, K, N, dtype):
     out = poisoned((M, N), dtype, device)
     res = run(x, W, out=out)
     assert res.data_ptr() == out.data_ptr()
-    assert_close(res, reference64(x, W), tol=1e-2)
+    assert_close(res, quant_matmul64(x, W), tol=quant_tol(dtype, kind == "fp8", device))
+
+
+# Several K steps inside one scale group (forced 32-deep steps): INT4 groups of 64 and 128, FP8
+# 128-blocks with K ending in a partial block (320 = 2.5 blocks), with and without split K (3
+# splits of 8 steps cut the int4 groups of 128 at k = 96). M = 1 (decode), 16, 40 (three row tiles).
+@pytest.mark.parametrize("kind,option,group,K", [("int4", True, 128, 256), ("int4", False, 64, 192),
+                                                  ("fp8", "block", 128, 320), ("fp8", "channel", 128, 320)])
+@pytest.mark.parametrize("M,split", [(1, 3), (16, 1), (40, 1)])
+def test_k_steps_inside_one_scale_group(device, kind, option, group, K, M, split):
+    N = 40
+    x = torch.randn(M, K, device=device).half()
+    _, W = make_weight(kind, option, K, N, device, group_size=group)
+    cfg = qm.MatmulConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2, split_k=split)
+    assert_close(run(x, W, out=poisoned((M, N), x.dtype, device), config=cfg), quant_matmul64(x, W))
+
+
+def test_config_override_is_validated():
+    x = torch.randn(2, 128).half()
+    w = torch.randn(128, 24)
+    i4, f8 = Int4Weight.quantize(w, 64), Fp8Weight.quantize(w, "block")
+    good = qm.MatmulConfig(16, 16, 32, 1, 4, 2, 1)
+    cases = [
+        (i4, good._replace(block_k=128), "divid"),  # a step would straddle two int4 groups of 64
+        (i4, good._replace(block_k=16), ">= 32"),  # int4 steps hold two nibble-plane dots of 16
+        (f8, good._replace(block_k=256), "divid"),  # past one fp8 block
+        (f8, good._replace(block_m=8), "block_m"),
+        (f8, good._replace(block_n=48), "block_n"),
+        (f8, good._replace(split_k=0), "split_k"),
+        (f8, good._replace(num_warps=3), "num_warps"),
+    ]
+    for W, cfg, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run(x, W, config=cfg)
+    with pytest.raises(TypeError, match="MatmulConfig"):
+        run(x, f8, config=tuple(good))
+    assert_close(run(x, i4, config=good), quant_matmul64(x, i4))
 
 
 @pytest.mark.parametrize("kind,option", [("fp8", "channel"), ("fp8", "block"), ("int4", False)])
@@ -111,8 +147,8 @@ def test_split_k_decode_path(device, monkeypatch, kind, option):
     x = torch.randn(M, K, device=device).half()
     _, W = make_weight(kind, option, K, N, device)
     code = qm.format_code(W.kernel_format, getattr(W, "zero", None))
-    assert qm.launch_config(M, N, K, code, 32, 132)[-1] > 1
-    assert_close(run(x, W, out=poisoned((M, N), x.dtype, device)), reference64(x, W), tol=1e-2)
+    assert qm.launch_config(M, N, K, code, 32, 132).split_k > 1
+    assert_close(run(x, W, out=poisoned((M, N), x.dtype, device)), quant_matmul64(x, W))
 
 
 def test_nn_linear_layout_and_empty_batch(device):
@@ -121,7 +157,7 @@ def test_nn_linear_layout_and_empty_batch(device):
     W = Fp8Weight.quantize(lin.t())
     assert W.qweight.t().is_contiguous()
     x = torch.randn(4, 64, device=device).half()
-    assert_close(run(x, W), reference64(x, W), tol=1e-2)
+    assert_close(run(x, W), quant_matmul64(x, W))
     assert run(x[:0], W).shape == (0, 24)
 
 
@@ -192,7 +228,7 @@ def test_bf16_real_shapes_gpu(kind, option, M):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     _, W = make_weight(kind, option, K, N, "cuda", group_size=128)
     out = poisoned((M, N), torch.bfloat16, "cuda")
-    assert_close(run(x, W, out=out), reference64(x, W), tol=1e-2)
+    assert_close(run(x, W, out=out), quant_matmul64(x, W))
 
 
 # -- the op: both backends -------------------------------------------------------------------------
@@ -208,8 +244,8 @@ def test_quant_linear_op_backends_agree(device, kind, option):
         got = ops.quant_linear(x, W)
     assert calls[("quant_linear", "triton")] == 1
     assert ref.dtype == got.dtype == torch.float16
-    assert_close(ref, reference64(x, W), tol=1e-2)
-    assert_close(got, reference64(x, W), tol=1e-2)
+    assert_close(ref, quant_matmul64(x, W))
+    assert_close(got, quant_matmul64(x, W))
     with pytest.raises(ValueError, match="weight must be"):
         ops.quant_linear(x[:, :64], W)
     with pytest.raises(TypeError, match="Fp8Weight or Int4Weight"):

@@ -1,59 +1,45 @@
 """Quantized experts (FP8, INT4) in the Triton grouped MoE GEMMs and in both op backends.
 
-The reference is a float64 loop over (token, choice) pairs with the dequantized expert
-weights and the activations the format really multiplies (FP8: x and the SwiGLU output
-quantized per token or per 1x128 group by the torch twin of the kernel's quantizer; the
-router weight on the GEMM result). Outputs are NaN-poisoned; interpreter shapes are tiny.
+The reference is tests/reference64.quant_moe64: a float64 loop over (token, choice) pairs with
+the expert weights dequantized from their packed bytes and scales and the activations the
+format really multiplies (FP8: x and the SwiGLU output quantized per token or per 1x128 group,
+restated there; the router weight on the GEMM result), independent of llama4_fast.quant.
+Bounds are helpers.TOL (measured). Outputs are NaN-poisoned; interpreter shapes are tiny.
 """
 
 import pytest
 import torch
-from helpers import assert_close, poisoned, rel_err
+from helpers import assert_close, poisoned, quant_tol, rel_err
+from reference64 import quant_matmul64, quant_moe64
 
 from llama4_fast import ops, registry
 from llama4_fast.kernels import fused_moe, moe
 from llama4_fast.kernels.moe import GemmConfig, MoeConfig
-from llama4_fast.quant import Fp8Weight, Int4Weight, effective_activations, expert_kernel_args
+from llama4_fast.quant import Fp8Weight, Int4Weight, expert_kernel_args
 
 FORMATS = [("fp8", "channel"), ("fp8", "tensor"), ("fp8", "block"), ("int4", True), ("int4", False)]
 GROUP = 32
 
 
-def quantize_experts(kind, option, w):
+def quantize_experts(kind, option, w, group=GROUP):
     if kind == "fp8":
         return Fp8Weight.quantize(w, option, act_scale_ub=3.0 if option == "tensor" else None)
-    return Int4Weight.quantize(w, GROUP, symmetric=option)
+    return Int4Weight.quantize(w, group, symmetric=option)
 
 
-def make_inputs(T, E, H, I, top_k, kind, option, dtype=torch.float16, device="cpu"):
+def make_inputs(T, E, H, I, top_k, kind, option, dtype=torch.float16, device="cpu", group=GROUP):
     x = torch.randn(T, H, device=device).to(dtype)
-    w13 = quantize_experts(kind, option, torch.randn(E, H, 2 * I, device=device) * H ** -0.5)
-    w2 = quantize_experts(kind, option, torch.randn(E, I, H, device=device) * I ** -0.5)
+    w13 = quantize_experts(kind, option, torch.randn(E, H, 2 * I, device=device) * H ** -0.5, group)
+    w2 = quantize_experts(kind, option, torch.randn(E, I, H, device=device) * I ** -0.5, group)
     ids = torch.stack([torch.randperm(E, device=device)[:top_k] for _ in range(T)]).int()
     weights = torch.rand(T, top_k, device=device) + 0.5
     return x, w13, w2, weights, ids
 
 
-def moe64(x, w13, w2, weights, ids, on_input=True):
-    inter = w13.shape[-1] // 2
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e, w = int(ids[t, j]), weights[t, j].double().cpu()
-            a, b = w13.expert(e), w2.expert(e)
-            gu = effective_activations(x[t:t + 1], a).double().cpu() @ a.dequantize().double().cpu()
-            if on_input:
-                gu = gu * w
-            h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
-            y = effective_activations(h, b).double().cpu() @ b.dequantize().double().cpu()
-            out[t] += (y if on_input else w * y)[0]
-    return out
-
-
-def run(x, w13, w2, weights, ids, on_input=True):
+def run(x, w13, w2, weights, ids, on_input=True, config=None):
     out = poisoned(x.shape, x.dtype, x.device)
     res = fused_moe(x, w13.tensors()[0], w2.tensors()[0], weights, ids, apply_router_weight_on_input=on_input,
-                    out=out, **expert_kernel_args(w13, w2))
+                    out=out, config=config, **expert_kernel_args(w13, w2))
     assert res.data_ptr() == out.data_ptr()
     return res
 
@@ -64,7 +50,48 @@ def run(x, w13, w2, weights, ids, on_input=True):
 @pytest.mark.parametrize("T,E,top_k", [(1, 4, 1), (5, 3, 2), (70, 8, 1)])
 def test_quantized_experts_match_float64(device, kind, option, T, E, top_k):
     x, w13, w2, weights, ids = make_inputs(T, E, 64, 96, top_k, kind, option, device=device)
-    assert_close(run(x, w13, w2, weights, ids), moe64(x, w13, w2, weights, ids), tol=1e-2)
+    assert_close(run(x, w13, w2, weights, ids), quant_moe64(x, w13, w2, weights, ids))
+
+
+# Several K steps inside one scale group (forced 32-deep steps) in both GEMMs: INT4 groups of 128
+# (H = 256, I = 128) and 64 (H = 192, I = 128); FP8 128-blocks with H = 320 and I = 160, so each
+# GEMM's K ends in a partial block, and 2I = 320 columns end in a partial N block. T = 1 and 16
+# (top-1) take the direct path (all pairs in one row block of 16), T = 40 top-2 the sorted one.
+@pytest.mark.parametrize("kind,option,group,H,I,T,top_k,block_m", [
+    ("int4", True, 128, 256, 128, 1, 1, 16),
+    ("int4", True, 128, 256, 128, 40, 2, 32),
+    ("int4", False, 64, 192, 128, 16, 1, 16),
+    ("fp8", "block", 128, 320, 160, 1, 1, 16),
+    ("fp8", "block", 128, 320, 160, 16, 1, 16),
+    ("fp8", "block", 128, 320, 160, 40, 2, 32),
+    ("fp8", "channel", 128, 320, 160, 16, 1, 16),
+])
+def test_k_steps_inside_one_scale_group(device, kind, option, group, H, I, T, top_k, block_m):
+    x, w13, w2, weights, ids = make_inputs(T, 4, H, I, top_k, kind, option, device=device, group=group)
+    cfg = MoeConfig(block_m, GemmConfig(64, 32, 2, 4, 2), GemmConfig(64, 32, 2, 4, 2))
+    assert cfg.direct(T * top_k) == (T <= 16)
+    assert_close(run(x, w13, w2, weights, ids, config=cfg), quant_moe64(x, w13, w2, weights, ids))
+
+
+def test_config_override_is_validated():
+    x, w13, w2, weights, ids = make_inputs(3, 4, 128, 64, 1, "int4", False)
+    good = MoeConfig(16, GemmConfig(16, 32, 1, 4, 2), GemmConfig(16, 32, 1, 4, 2))
+    cases = [
+        (MoeConfig(16, GemmConfig(16, 64, 1, 4, 2), good.down), "gate_up.block_k"),  # 64 > the int4 group of 32
+        (MoeConfig(16, good.gate_up, GemmConfig(16, 16, 1, 4, 2)), "down.block_k"),  # < 32: two dots of 16
+        (MoeConfig(8, good.gate_up, good.down), "block_m"),
+        (MoeConfig(16, good.gate_up, GemmConfig(24, 32, 1, 4, 2)), "down.block_n"),
+        (MoeConfig(16, GemmConfig(16, 32, 1, 4, 2, 0), good.down), "split_k"),
+    ]
+    for cfg, match in cases:
+        with pytest.raises(ValueError, match=match):
+            run(x, w13, w2, weights, ids, config=cfg)
+    with pytest.raises(TypeError, match="MoeConfig"):
+        run(x, w13, w2, weights, ids, config=good.gate_up)
+    f13, f2 = (quantize_experts("fp8", "block", torch.randn(4, *s)) for s in ((128, 128), (64, 128)))
+    with pytest.raises(ValueError, match="block_k"):  # a step past one fp8 128-block
+        run(x, f13, f2, weights, ids, config=MoeConfig(16, GemmConfig(16, 256, 1, 4, 2), good.down))
+    assert_close(run(x, w13, w2, weights, ids, config=good), quant_moe64(x, w13, w2, weights, ids))
 
 
 @pytest.mark.parametrize("kind,option", [("fp8", "channel"), ("int4", False)])
@@ -72,8 +99,9 @@ def test_quantized_experts_match_float64(device, kind, option, T, E, top_k):
 def test_all_tokens_on_one_expert_fp32_and_output_weighting(device, kind, option, T):
     x, w13, w2, weights, _ = make_inputs(T, 6, 64, 32, 1, kind, option, torch.float32, device)
     ids = torch.full((T, 1), 4, dtype=torch.int32, device=device)  # the other 5 experts get nothing
+    tol = quant_tol(torch.float32, kind == "fp8", device)
     for on_input in (True, False):
-        assert_close(run(x, w13, w2, weights, ids, on_input), moe64(x, w13, w2, weights, ids, on_input), tol=1e-2)
+        assert_close(run(x, w13, w2, weights, ids, on_input), quant_moe64(x, w13, w2, weights, ids, on_input), tol=tol)
 
 
 @pytest.mark.parametrize("kind,option", [("fp8", "block"), ("int4", True)])
@@ -86,17 +114,17 @@ def test_split_k_with_quantized_experts(device, kind, option, T, top_k, block_m,
     cfg = MoeConfig(block_m, GemmConfig(16, GROUP, 2, 4, 2, splits[0]), GemmConfig(32, GROUP, 2, 4, 2, splits[1]))
     out = poisoned(x.shape, x.dtype, device)
     moe._launch(x, w13.tensors()[0], w2.tensors()[0], weights, ids, True, out, cfg, quant)
-    assert_close(out, moe64(x, w13, w2, weights, ids), tol=1e-2)
+    assert_close(out, quant_moe64(x, w13, w2, weights, ids))
 
 
 @pytest.mark.parametrize("kind,option", [("fp8", "channel"), ("int4", False)])
 def test_op_backends_agree(device, kind, option):
     x, w13, w2, weights, ids = make_inputs(9, 4, 64, 32, 2, kind, option, device=device)
-    ref = moe64(x, w13, w2, weights, ids)
+    ref = quant_moe64(x, w13, w2, weights, ids)
     with registry.use(fused_moe="torch"):
-        assert_close(ops.fused_moe(x, w13, w2, weights, ids), ref, tol=1e-2)
+        assert_close(ops.fused_moe(x, w13, w2, weights, ids), ref)
     with registry.record() as calls:
-        assert_close(ops.fused_moe(x, w13, w2, weights, ids), ref, tol=1e-2)
+        assert_close(ops.fused_moe(x, w13, w2, weights, ids), ref)
     assert calls[("fused_moe", "triton")] == 1
 
 
@@ -130,10 +158,8 @@ def test_bf16_real_shapes_gpu(kind, option):
     """Scout TP8 shapes (E=16, H=5120, I=1024), group 128, decode and a prefill batch."""
     E, H, I = 16, 5120, 1024
     for T in (1, 300):
-        x, w13, w2, weights, ids = make_inputs(T, E, H, I, 1, kind, option, torch.bfloat16, "cuda")
-        with registry.use(fused_moe="torch"):
-            ref = ops.fused_moe(x.float(), w13, w2, weights, ids)
-        assert_close(run(x, w13, w2, weights, ids), ref, tol=1e-2)
+        x, w13, w2, weights, ids = make_inputs(T, E, H, I, 1, kind, option, torch.bfloat16, "cuda", group=128)
+        assert_close(run(x, w13, w2, weights, ids), quant_moe64(x, w13, w2, weights, ids))
 
 
 @pytest.mark.gpu
@@ -159,6 +185,9 @@ def test_quantized_decode_step_captures_in_cuda_graph(kind, option):
     torch.cuda.synchronize()
     for a, b in zip(captured, eager):
         assert torch.equal(a, b)
+    weights, ids = route(logits, 1)  # and not only consistent: right
+    assert_close(captured[0], quant_moe64(x, w13, w2, weights, ids))
+    assert_close(captured[1], quant_matmul64(x, lin))
 
 
 @pytest.mark.parametrize("kind,option", [("fp8", "channel"), ("int4", False)])
@@ -175,6 +204,9 @@ def test_quantized_ops_trace_whole_in_torch_compile(device, kind, option):
         return ops.fused_moe(x, w13, w2, weights, ids), ops.quant_linear(x, lin)
 
     eager = step(x)
+    weights, ids = ops.route(x @ router, 1)
+    assert_close(eager[0], quant_moe64(x, w13, w2, weights, ids))
+    assert_close(eager[1], quant_matmul64(x, lin))
     on_gpu = device == "cuda"
     compiled = torch.compile(step, fullgraph=True, **({"mode": "reduce-overhead"} if on_gpu else {"backend": "eager"}))
     for _ in range(3 if on_gpu else 1):  # GPU: warm-up, then CUDA-graph replays

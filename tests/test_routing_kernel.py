@@ -65,6 +65,51 @@ def test_torch_backend_breaks_ties_like_the_kernel(device):
         assert torch.equal(ids, ref_ids) and torch.allclose(w, ref_w)
 
 
+def nonfinite_logits(dtype, device):
+    """[T, 6] logits where NaN and +-inf decide the order: NaN after a +inf (NaN must still rank
+    first), several NaNs, +inf ties, all-NaN / all-inf / all -inf rows, one finite value among
+    -inf, and random rows with a third of their entries replaced by NaN, +inf or -inf."""
+    nan, inf = float("nan"), float("inf")
+    rows = torch.tensor([
+        [0.5, inf, nan, 2.0, -inf, 1.0],
+        [nan, 3.0, inf, nan, 0.0, -1.0],
+        [inf, -1.0, inf, 2.0, nan, inf],
+        [-inf, -inf, 1.0, -inf, -inf, -inf],
+        [nan] * 6, [inf] * 6, [-inf] * 6,
+        [-2.0, -inf, 5.0, 5.0, -inf, 0.0],
+    ])
+    noisy = torch.randn(24, 6) * 3
+    pick = torch.rand(24, 6)
+    noisy[pick < 0.1] = nan
+    noisy[(pick >= 0.1) & (pick < 0.2)] = inf
+    noisy[(pick >= 0.2) & (pick < 0.3)] = -inf
+    return torch.cat([rows, noisy]).to(dtype).to(device)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy on inf - inf
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("scoring,renormalize", [("sigmoid", False), ("softmax", False), ("softmax", True)])
+def test_route_nan_and_infinite_logits(device, dtype, scoring, renormalize):
+    """Kernel = float64 reference = torch backend: NaN ranks above +inf (torch.topk's order),
+    ties go to the lower index, and the weights are the float math's (sigmoid(NaN) = NaN,
+    sigmoid(-inf) = 0; a softmax row holding a NaN or a +inf is NaN)."""
+    from llama4_fast.backends import torch_ref
+    logits = nonfinite_logits(dtype, device)
+    for top_k in range(1, 5):
+        ref_w, ref_ids = ref_route(logits, top_k, scoring, renormalize)
+        for backend in (route, torch_ref.route):
+            w, ids = backend(logits, top_k, scoring, renormalize)
+            assert torch.equal(ids.cpu(), ref_ids), f"top_k={top_k}"
+            torch.testing.assert_close(w.cpu().double(), ref_w, rtol=1e-6, atol=1e-12, equal_nan=True)
+
+
+def test_route_softmax_of_large_logits(device):
+    """Logits around 100 overflow exp() in fp32 (e^88.7): softmax must subtract the row max."""
+    logits = torch.randn(37, 16, device=device) * 3 + 100
+    check_route(logits, 2, "softmax", False)
+    check_route(logits, 2, "softmax", True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("E", [16, 128])
 def test_route_bf16_gpu(E):

@@ -4,6 +4,8 @@ backend; and the ops inside torch.compile on a GPU."""
 
 import pytest
 import torch
+from helpers import assert_close
+from reference64 import attention64, moe64
 
 import llama4_fast
 from llama4_fast import Llama4, ops, registry
@@ -152,6 +154,12 @@ def test_ops_inside_torch_compile_and_cuda_graphs():
         out = compiled(x, q, kv)
     for a, b in zip(out, eager):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    # consistent with eager, and right: both against float64 (the routing eager chose)
+    weights, ids = ops.route(x @ router, 1)
+    refs = moe64(x, w13, w2, weights, ids), attention64(q, kv, kv, chunk_size=16, kv_start=3)
+    for got in (eager, out):
+        for a, ref in zip(got, refs):
+            assert_close(a, ref)
 
 
 @pytest.mark.gpu

@@ -17,19 +17,21 @@ _ATTN_QUERY_BLOCK = 512
 
 
 def _top_k(scores, k):
-    """torch.topk with the kernel's order on ties: the lower expert index first (a stable sort)."""
+    """torch.topk with the kernel's order on ties: the lower expert index first (a stable sort);
+    NaN ranks highest, as in torch.topk."""
     values, ids = torch.sort(scores, dim=-1, descending=True, stable=True)
     return values[..., :k], ids[..., :k]
 
 
 @registry.register("route", "torch")
 def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
+    # Both scorings rank the logits, not the scores: softmax keeps their order, but not where
+    # it turns a row with a NaN or +inf all NaN, or rounds distinct small probabilities to 0.
+    logits, ids = _top_k(router_logits, top_k)
     if scoring == "sigmoid":
-        logits, ids = _top_k(router_logits, top_k)
         weights = torch.sigmoid(logits.float())
     else:
-        probs = torch.softmax(router_logits.float(), dim=-1)
-        weights, ids = _top_k(probs, top_k)
+        weights = torch.softmax(router_logits.float(), dim=-1).gather(-1, ids)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
