@@ -294,6 +294,9 @@ def llama4_fast_attention(module, query, key, value, attention_mask, scaling=Non
                                       scaling=scaling, **kwargs)
     if dropout and module.training:
         raise NotImplementedError("llama4_fast attention is inference-only (attention dropout > 0 in training)")
+    if kwargs.get("output_attentions", False):  # as transformers' sdpa and flash attention say it
+        _warn_once("output_attentions", "llama4_fast attention does not return attention weights "
+                   "(output_attentions=True); model.set_attn_implementation('eager') gives them")
     # device_map: the mask is built once on the first device, the layer may sit on another
     kv_start, kv_len = (t.to(query.device) if isinstance(t, torch.Tensor) and t.device != query.device else t
                         for t in (attention_mask.kv_start, attention_mask.kv_len))
@@ -446,7 +449,10 @@ _CLASS_STATE: dict = {}
 def patch_llama4():
     """Patch the transformers Llama 4 classes so models built afterwards use llama4_fast:
     module forwards are replaced on the classes, and every Llama4TextModel built selects the
-    "llama4_fast" attention. `unpatch_llama4()` restores the classes."""
+    "llama4_fast" attention, as `patch` does: unless its attention is "eager", chosen on purpose
+    (`attn_implementation="eager"`, or `output_attentions` in the config), which is kept, since
+    it is the one that returns attention weights. `set_attn_implementation` switches a built
+    model as usual. `unpatch_llama4()` restores the classes."""
     m = _llama4_classes()
     if _CLASS_STATE:
         return
@@ -458,7 +464,11 @@ def patch_llama4():
 
     def init(self, config, *args, **kwargs):
         original_init(self, config, *args, **kwargs)
-        self.config._attn_implementation = ATTN_IMPLEMENTATION
+        if self.config._attn_implementation != "eager":
+            self.config._attn_implementation = ATTN_IMPLEMENTATION
+        else:
+            _warn_once("class-eager", "llama4_fast: a Llama 4 built with attention 'eager' keeps it (output_attentions "
+                       "needs it); model.set_attn_implementation('%s') selects the fast attention", ATTN_IMPLEMENTATION)
 
     _CLASS_STATE["init"] = original_init
     m.Llama4TextModel.__init__ = init
