@@ -78,7 +78,8 @@ def _transformers():
     return transformers
 
 
-def _llama4_classes():
+def llama4_classes():
+    """transformers' modeling_llama4 module (its Llama4* classes), after the version check."""
     _transformers()
     from transformers.models.llama4 import modeling_llama4 as m
 
@@ -397,7 +398,7 @@ def patch(model):
     place and return it. Patching twice is a no-op; `unpatch` restores it exactly. All or
     nothing: if any step fails (an fbgemm module without its scales, an interrupt), the model
     is left exactly as it was."""
-    m = _llama4_classes()
+    m = llama4_classes()
     if not isinstance(model, (m.Llama4ForCausalLM, m.Llama4TextModel, m.Llama4ForConditionalGeneration)):
         raise TypeError(f"model must be a transformers Llama4ForCausalLM, Llama4TextModel or "
                         f"Llama4ForConditionalGeneration, got {type(model).__name__}")
@@ -453,7 +454,7 @@ def patch_llama4():
     (`attn_implementation="eager"`, or `output_attentions` in the config), which is kept, since
     it is the one that returns attention weights. `set_attn_implementation` switches a built
     model as usual. `unpatch_llama4()` restores the classes."""
-    m = _llama4_classes()
+    m = llama4_classes()
     if _CLASS_STATE:
         return
     _register_attention()
@@ -475,7 +476,7 @@ def patch_llama4():
 
 
 def unpatch_llama4():
-    m = _llama4_classes()
+    m = llama4_classes()
     if not _CLASS_STATE:
         return
     m.Llama4TextModel.__init__ = _CLASS_STATE.pop("init")

@@ -208,7 +208,7 @@ def _check_model(model: nn.Module) -> bool:
     if not isinstance(model, Llama4):
         from llama4_fast import hf_patch
 
-        m = hf_patch._llama4_classes()
+        m = hf_patch.llama4_classes()
         if not isinstance(model, (m.Llama4ForCausalLM, m.Llama4TextModel, m.Llama4ForConditionalGeneration)):
             raise TypeError(f"model must be a llama4_fast.Llama4 or a transformers Llama 4, got {type(model).__name__}")
     meta = next((name for name, t in model.state_dict(keep_vars=True).items() if t.is_meta), None)
