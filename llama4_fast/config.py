@@ -169,9 +169,14 @@ def _config_file(path) -> Path:
 
 def read_config_json(path) -> dict:
     """The JSON object in `path` (config.json, or a directory holding it); errors name the file."""
-    file = _config_file(path)
+    return read_json_object(_config_file(path), "a checkpoint directory holds config.json")
+
+
+def read_json_object(file: Path, where_from: str) -> dict:
+    """The JSON object in `file`: FileNotFoundError (with `where_from`, the file's usual
+    origin) or ValueError naming the file when it is missing, not JSON, or not an object."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file (a checkpoint directory holds config.json)")
+        raise FileNotFoundError(f"{file}: no such file ({where_from})")
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

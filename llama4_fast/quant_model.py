@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from llama4_fast.config import read_json_object
 from llama4_fast.kernels import checks
 from llama4_fast.kernels.quant_matmul import int4_group_size_args
 from llama4_fast.quant import GRANULARITIES, Fp8Weight, Int4Weight
@@ -376,14 +377,8 @@ def load_quantized(model: nn.Module, path: str | Path) -> nn.Module:
 def _read_manifest(path: Path) -> dict:
     """quantization.json, checked: format, module kinds, weight formats (errors name the file)."""
     file = path / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file (a directory written by save_quantized holds it)")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "llama4_fast" \
-            or not isinstance(manifest.get("modules"), dict):
+    manifest = read_json_object(file, "a directory written by save_quantized holds it")
+    if manifest.get("format") != "llama4_fast" or not isinstance(manifest.get("modules"), dict):
         raise ValueError(f"{file} is not a llama4_fast manifest (format 'llama4_fast' with a modules table)")
     manifest.setdefault("transposed", [])
     if not isinstance(manifest["transposed"], list) or not all(isinstance(k, str) for k in manifest["transposed"]):
