@@ -32,12 +32,12 @@ import torch
 from helpers import TOL, poisoned, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference64 import moe64, rms_norm64, route64, temperature64, visible64
+from reference64 import moe64, quant_matmul64, quant_moe64, rms_norm64, route64, temperature64, visible64
 
 from llama4_fast import kernels, ops, registry
 from llama4_fast.kernels import attention as attention_module
 from llama4_fast.kernels.routing import dispatch_metadata
-from llama4_fast.quant import Fp8Weight, Int4Weight, effective_activations, expert_kernel_args, kernel_args
+from llama4_fast.quant import Fp8Weight, Int4Weight, expert_kernel_args, kernel_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter, on NaN
 
@@ -204,23 +204,6 @@ def test_fused_moe(data, T, E, H, I, seed, dtype, layout, on_input, path):
             lambda: ops.fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=on_input))
     assert y.dtype == dtype and (out is None or path != "kernel" or y.data_ptr() == out.data_ptr())
     assert_matches(y, moe64(x, w13, w2, weights, ids, on_input), TOL[dtype])
-
-
-def quant_moe64(x, w13, w2, weights, ids, on_input):
-    """moe64 for quantized experts: dequantized weights and the activations the format really
-    multiplies (FP8: x and the SwiGLU output quantized by the torch twin of the kernel)."""
-    inter = w13.shape[-1] // 2
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e, w = int(ids[t, j]), weights[t, j].double().cpu()
-            a, b = w13.expert(e), w2.expert(e)
-            gu = effective_activations(x[t:t + 1], a).double().cpu() @ a.dequantize().double().cpu()
-            gu = gu * w if on_input else gu
-            h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(x.dtype)
-            y = effective_activations(h.to(x.device), b).double().cpu() @ b.dequantize().double().cpu()
-            out[t] += (y if on_input else w * y)[0]
-    return out
 
 
 QUANT_FORMATS = [("fp8", "channel", None), ("fp8", "tensor", 2.0), ("fp8", "block", None), ("int4", True, None),
@@ -541,8 +524,7 @@ def test_quant_matmul(data, fmt, M, N, seed, dtype, layout, path, bad):
     y = run(path, "quant_linear", lambda: kernels.quant_matmul(x, out=out, **kernel_args(W)),
             lambda: ops.quant_linear(x, W))
     assert y.dtype == dtype and y.shape == (M, N)
-    ref = effective_activations(x, W).double().cpu() @ W.dequantize(torch.float32).double().cpu()
-    assert_matches(y, ref, FP8_TOL, nan_exact=fmt[0] == "int4" or DEVICE == "cuda")
+    assert_matches(y, quant_matmul64(x, W), FP8_TOL, nan_exact=fmt[0] == "int4" or DEVICE == "cuda")
 
 
 @examples(25)
