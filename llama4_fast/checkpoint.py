@@ -19,13 +19,14 @@ Tensors stored in float8 and their scales are never cast to the model dtype.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from llama4_fast.config import MODEL_DTYPES, Llama4Config, read_config_json, read_json_object, rope_inv_freq
 
 logger = logging.getLogger("llama4_fast")
 
@@ -97,13 +98,11 @@ def safetensors_files(path: str | Path) -> dict[Path, set[str] | None]:
     path = checkpoint_dir(path)
     index = path / INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text()).get("weight_map")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ValueError(f"{index} is not a JSON object with a weight_map: {e}") from None
+        weight_map = read_json_object(index, "a sharded checkpoint holds it").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or \
                 not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index}: weight_map must map tensor names to file names, got {type(weight_map).__name__}")
+            raise ValueError(f"{index}: weight_map must map tensor names to file names, "
+                             f"got {type(weight_map).__name__}")
         files: dict[Path, set[str] | None] = {}
         for key, name in weight_map.items():
             files.setdefault(path / name, set()).add(key)
@@ -114,8 +113,8 @@ def safetensors_files(path: str | Path) -> dict[Path, set[str] | None]:
         files = {path / SINGLE: None}
     else:
         found = sorted(f.name for f in path.glob("*.safetensors"))
-        raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}" +
-                                (f" (found {found[:8]}: which of them to read is what the index says)" if found else ""))
+        hint = f" (found {found[:8]}: which of them to read is what the index says)" if found else ""
+        raise FileNotFoundError(f"{path} has neither {SINGLE} nor {INDEX}{hint}")
     ignored = sorted(f.name for f in path.glob("*.safetensors") if f not in files)
     if ignored:
         logger.warning("llama4_fast: %s: not reading %s (the %s names only %d file(s))", path, ignored,
@@ -142,7 +141,8 @@ def stored_tensors(path: str | Path) -> dict[str, StoredTensor]:
             raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
         if assigned is not None:
             if assigned - keys:
-                raise ValueError(f"{file.name} lacks tensors that {INDEX} assigns to it: {sorted(assigned - keys)[:8]}")
+                raise ValueError(f"{file.name} lacks tensors that {INDEX} assigns to it: "
+                                 f"{sorted(assigned - keys)[:8]}")
             if keys - assigned:
                 raise ValueError(f"{file.name} holds tensors that {INDEX} does not assign to it (stale or stray "
                                  f"data): {sorted(keys - assigned)[:8]}")
@@ -209,8 +209,6 @@ QUANT_METHODS = ("fbgemm_fp8", "compressed-tensors")
 
 def quantization_config(path: str | Path) -> dict | None:
     """config.json's `quantization_config` (top level, or under text_config), or None."""
-    from llama4_fast.config import read_config_json
-
     cfg = read_config_json(path)
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     qcfg = cfg.get("quantization_config") or text.get("quantization_config")
@@ -339,16 +337,12 @@ def _stack_unrolled(module: str, experts: dict[int, dict[str, tuple]], ub):
 # building the thin model
 # ----------------------------------------------------------------------------------------------
 
-_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def model_dtype(dtype, cfg) -> torch.dtype:
     """The dtype a load computes in: `dtype` (a torch dtype or its name) or config.json's."""
     if dtype is None:
         return cfg.dtype()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if dtype in ("float16", "bfloat16", "float32") else dtype
-    if dtype not in _MODEL_DTYPES:
+    dtype = MODEL_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in MODEL_DTYPES.values():
         raise TypeError(f"dtype must be None, torch.float16, torch.bfloat16 or torch.float32 (or their names), "
                         f"got {dtype!r}")
     return dtype
@@ -360,8 +354,6 @@ def check_checkpoint(path: str | Path):
     (`stored_tensors`), then the whole load on meta tensors (shapes against the config,
     dtypes, quantized layouts). Returns (config, quantization_config or None, stored tensors).
     `load_pretrained` and the command line run it first."""
-    from llama4_fast.config import Llama4Config
-
     path = checkpoint_dir(path)
     cfg = Llama4Config.from_hf(path)
     qcfg = quantization_config(path)
@@ -386,8 +378,6 @@ def load_pretrained(path: str | Path, *, dtype=None, device: str | torch.device 
 
 def from_hf_model(hf_model):
     """`Llama4.from_hf`: the thin model sharing a loaded transformers Llama 4's parameters."""
-    from llama4_fast.config import Llama4Config
-
     cfg = Llama4Config.from_hf(hf_model.config)
     params = language_model_parameters(hf_model)
     if "lm_head.weight" not in params and not cfg.tie_word_embeddings:
@@ -404,7 +394,7 @@ def build_model(cfg, params: dict[str, torch.Tensor], modules: dict[str, torch.n
     (floating; float8 only inside quantized modules). Errors list the first mismatches with
     the file each tensor came from (`origin`)."""
     from llama4_fast.model import Llama4
-    from llama4_fast.config import rope_inv_freq
+    from llama4_fast.quant_model import logical_shape
 
     with torch.device("meta"):
         model = Llama4(cfg)
@@ -420,7 +410,7 @@ def build_model(cfg, params: dict[str, torch.Tensor], modules: dict[str, torch.n
         if not isinstance(own, torch.nn.Module):
             problems.append(f"quantized weights for {name}, which the model does not have")
             continue
-        got, want = _logical_shapes(module), _logical_shapes(own)
+        got, want = logical_shape(module), logical_shape(own)
         if got != want:
             problems.append(f"{name} holds {got}, the config implies {want}")
             continue
@@ -459,11 +449,3 @@ def _has_module(model, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _logical_shapes(module) -> dict[str, list[int]]:
-    """What a module multiplies by, quantized or not: a linear's [in, out], experts' gate_up
-    [E, H, 2I] and down [E, I, H]."""
-    if hasattr(module, "in_features"):
-        return {"linear": [module.in_features, module.out_features]}
-    return {"gate_up_proj": list(module.gate_up_proj.shape), "down_proj": list(module.down_proj.shape)}

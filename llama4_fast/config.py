@@ -132,8 +132,8 @@ class Llama4Config:
         for key in ("rms_norm_eps", "rope_theta", "floor_scale"):
             _check(None, key, getattr(self, key), lambda v: _is_real(v) and 0 < v < math.inf, "a positive number")
         _check(None, "attn_scale", self.attn_scale, lambda v: _is_real(v) and math.isfinite(v), "a finite number")
-        _check(None, "dtype", self.torch_dtype, lambda v: v is None or v in _DTYPES,
-               f"null or one of {sorted(_DTYPES)}")
+        _check(None, "dtype", self.torch_dtype, lambda v: v is None or v in MODEL_DTYPES,
+               f"null or one of {sorted(MODEL_DTYPES)}")
         _check(None, "eos_token_id", self.eos_token_id,
                lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(i) for i in v)),
                "an id, a list of ids or null")
@@ -151,7 +151,7 @@ class Llama4Config:
         return bool(self.no_rope_layers[layer]) and self.attention_chunk_size is not None
 
     def dtype(self, default=torch.bfloat16) -> torch.dtype:
-        return _DTYPES[self.torch_dtype] if self.torch_dtype is not None else default
+        return MODEL_DTYPES[self.torch_dtype] if self.torch_dtype is not None else default
 
 
 # Fields a config.json must state: each sets the shape of some weight, so a default here would
@@ -159,7 +159,7 @@ class Llama4Config:
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok")
 # The model dtypes a config may name (what the thin model computes in).
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def _config_file(path) -> Path:

@@ -400,7 +400,8 @@ def _check_spec(spec, where: str):
         raise ValueError(f"{where}: format must be {{'kind': 'fp8' | 'int4', ...}}, got {spec!r}")
     if spec["kind"] == "fp8":
         if spec.get("granularity") not in GRANULARITIES:
-            raise ValueError(f"{where}: fp8 granularity must be one of {GRANULARITIES}, got {spec.get('granularity')!r}")
+            raise ValueError(f"{where}: fp8 granularity must be one of {GRANULARITIES}, "
+                             f"got {spec.get('granularity')!r}")
         checks.scale_bound(f"{where}: act_scale_ub", spec.get("act_scale_ub"))
     else:
         try:
@@ -430,15 +431,16 @@ def _stored_module(model: nn.Module, name: str, entry: dict, state: dict, path: 
             raise ValueError(f"{path}: {name}.{prefix or 'weight'} does not match its format {spec}: {e}") from None
     new = QuantLinear(weights[""]) if entry["module"] == "QuantLinear" else \
         QuantExperts(weights["gate_up_"], weights["down_"])
-    if _logical_shape(new) != _logical_shape(current):
-        raise ValueError(f"{path}: {name} holds {entry['module']} weights {_logical_shape(new)}; the model's {name} "
-                         f"is {type(current).__name__} {_logical_shape(current)}")
+    if logical_shape(new) != logical_shape(current):
+        raise ValueError(f"{path}: {name} holds {entry['module']} weights {logical_shape(new)}; the model's {name} "
+                         f"is {type(current).__name__} {logical_shape(current)}")
     return new.to(next(iter(current.state_dict().values())).device)
 
 
-def _logical_shape(module: nn.Module):
+def logical_shape(module: nn.Module):
     """What a module multiplies by: a linear's [in, out] or experts' gate_up [E, H, 2I] and
-    down [E, I, H], quantized or not; None for anything else."""
+    down [E, I, H], quantized or not; None for anything else. Loading compares a stored
+    module with the one it replaces by this."""
     if isinstance(module, (nn.Linear, QuantLinear)):
         return ("linear", [module.in_features, module.out_features])
     if _is_experts(module) or isinstance(module, QuantExperts):
