@@ -552,8 +552,8 @@ def check_token_ids(name: str, tokens: torch.Tensor, vocab_size: int):
 
 def check_generate_args(vocab_size: int, prompt, max_new_tokens, *, temperature=0.0, top_k=None, eos_token_id=None,
                         generator=None, prefill_piece=None, cuda_graph=None):
-    """Every argument of `Llama4.generate`, checked before any work (the CLI checks its own
-    options through it too): a ValueError/TypeError naming the argument, never a late crash."""
+    """Every argument of `Llama4.generate`, checked before any work: a ValueError/TypeError
+    naming the argument, never a late crash."""
     if isinstance(prompt, (list, tuple)):
         if not prompt:
             raise ValueError("prompt is an empty list: give at least one prompt")

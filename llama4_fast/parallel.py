@@ -181,8 +181,9 @@ def shard_experts(model: Llama4, group=None, *, overlap_shared: bool = True) -> 
 
     Quantized experts (`llama4_fast.quantize`, or an FP8 checkpoint) are sharded in their format.
     All or nothing: a failure part-way leaves every layer as it was (the full expert stacks are
-    freed when the call completes). Raises ValueError on every rank when the ranks' models differ (config fields or expert
-    dtype/format) or when the world size does not divide the number of experts.
+    freed when the call completes). Raises ValueError on every rank when the ranks' models
+    differ (config fields or expert dtype/format) or when the world size does not divide the
+    number of experts.
     """
     if not isinstance(model, Llama4):
         raise TypeError(f"model must be a llama4_fast Llama4, got {type(model).__name__}")

@@ -32,7 +32,8 @@ def test_bad_arguments_are_rejected():
 @pytest.mark.parametrize("make, what", [
     (lambda d: d / "absent", "no such checkpoint directory"),
     (lambda d: d, "config.json: no such file"),
-    (lambda d: (d / "config.json", (d / "config.json").write_text("{}"))[0], "is a file: pass the checkpoint directory"),
+    (lambda d: (d / "config.json", (d / "config.json").write_text("{}"))[0],
+     "is a file: pass the checkpoint directory"),
 ])
 def test_a_bad_model_directory_is_one_line_of_usage_error(tmp_path, capsys, make, what):
     """--model used to hand a missing or empty directory to transformers, which printed a Hub

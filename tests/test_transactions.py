@@ -120,7 +120,6 @@ def test_quantize_transformers_model_all_or_nothing_and_unpatched(monkeypatch):
 
 def test_quantize_refusals_change_nothing():
     model = thin()
-    before = snapshot(model)
     # a NaN in the last expert of the last MoE layer: found after three modules were quantized
     model.layers[3].feed_forward.experts.down_proj.data[-1, 5, 7] = float("nan")
     before = snapshot(model)
@@ -203,8 +202,8 @@ def edit_manifest(path, fn):
 @pytest.mark.parametrize("edit, what", [
     (lambda m: m["modules"]["layers.1.feed_forward.experts"]["formats"]["down_"].update(group_size=64),
      r"layers.1.feed_forward.experts.down_ does not match its format"),
-    (lambda m: m["modules"]["layers.1.feed_forward.experts"]["formats"]["down_"].update(kind="fp8", granularity="channel",
-                                                                                     act_scale_ub=None),
+    (lambda m: m["modules"]["layers.1.feed_forward.experts"]["formats"]["down_"].update(
+        kind="fp8", granularity="channel", act_scale_ub=None),
      r"layers.1.feed_forward.experts.down_ does not match its format"),
     (lambda m: m["modules"]["layers.1.feed_forward.experts"].update(module="QuantMystery"),
      "must be a QuantLinear .* or QuantExperts"),
