@@ -213,6 +213,19 @@ def qk_prologue_args(q, k, cos, sin, qk_norm_eps, positions, temperature, q_out,
         disjoint("k_out", k_out, in_place_of="k", **inputs)
 
 
+def power_of_two(name: str, v, lo: int = 16) -> int:
+    """`v` (called `name`) as a power of two >= lo (tile sizes: tl.dot's least shape is 16)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
+        raise ValueError(f"{name} must be a power of two >= {lo}, got {v!r}")
+    return v
+
+
+def positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its interpreter (CPU tensors are then valid)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -221,16 +221,10 @@ class MoeConfig:
         return num_pairs <= self.block_m
 
 
-def _pow2(name: str, v, lo: int = 16) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo or v & (v - 1):
-        raise ValueError(f"{name} must be a power of two >= {lo}, got {v!r}")
-    return v
-
-
 def _gemm_from_json(d: dict, where: str) -> GemmConfig:
-    cfg = GemmConfig(block_n=_pow2(f"{where}.block_n", d["block_n"]),
-                     block_k=_pow2(f"{where}.block_k", d["block_k"]),
-                     group_m=int(d["group_m"]), num_warps=_pow2(f"{where}.num_warps", d["num_warps"], 1),
+    cfg = GemmConfig(block_n=checks.power_of_two(f"{where}.block_n", d["block_n"]),
+                     block_k=checks.power_of_two(f"{where}.block_k", d["block_k"]),
+                     group_m=int(d["group_m"]), num_warps=checks.power_of_two(f"{where}.num_warps", d["num_warps"], 1),
                      num_stages=int(d["num_stages"]))
     if cfg.group_m < 1 or cfg.num_stages < 1:
         raise ValueError(f"{where}: group_m and num_stages must be >= 1")
@@ -253,7 +247,7 @@ def config_table() -> dict[tuple[int, int, int], list[tuple[float, MoeConfig]]]:
             where = f"{CONFIG_FILE.name}[{key}][{i}]"
             bound = b["max_tokens_per_expert"]
             rows.append((float("inf") if bound is None else float(bound),
-                         MoeConfig(_pow2(f"{where}.block_m", b["block_m"]),
+                         MoeConfig(checks.power_of_two(f"{where}.block_m", b["block_m"]),
                                    _gemm_from_json(b["gate_up"], where + ".gate_up"),
                                    _gemm_from_json(b["down"], where + ".down"))))
         if [r[0] for r in rows] != sorted(r[0] for r in rows) or rows[-1][0] != float("inf"):
@@ -480,15 +474,13 @@ def config_args(cfg, quant: ExpertQuant | None = None):
     least shape), positive counts, and for quantized experts K steps inside one scale group."""
     if not isinstance(cfg, MoeConfig) or not all(isinstance(g, GemmConfig) for g in (cfg.gate_up, cfg.down)):
         raise TypeError(f"config must be a MoeConfig of two GemmConfigs, got {cfg!r}")
-    _pow2("config.block_m", cfg.block_m)
+    checks.power_of_two("config.block_m", cfg.block_m)
     for name, g in (("gate_up", cfg.gate_up), ("down", cfg.down)):
-        _pow2(f"config.{name}.block_n", g.block_n)
-        _pow2(f"config.{name}.block_k", g.block_k)
-        _pow2(f"config.{name}.num_warps", g.num_warps, 1)
+        checks.power_of_two(f"config.{name}.block_n", g.block_n)
+        checks.power_of_two(f"config.{name}.block_k", g.block_k)
+        checks.power_of_two(f"config.{name}.num_warps", g.num_warps, 1)
         for field in ("group_m", "num_stages", "split_k"):
-            v = getattr(g, field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"config.{name}.{field} must be a positive int, got {v!r}")
+            checks.positive_int(f"config.{name}.{field}", getattr(g, field))
         if quant is not None:
             block_k_args(f"config.{name}.block_k", g.block_k, quant.code, quant.group_k)
 

@@ -293,15 +293,10 @@ def config_args(cfg, code: int, group_k: int):
     if not isinstance(cfg, MatmulConfig):
         raise TypeError(f"config must be a MatmulConfig, got {type(cfg).__name__}")
     for field in ("block_m", "block_n", "block_k"):
-        v = getattr(cfg, field)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v & (v - 1):
-            raise ValueError(f"config.{field} must be a power of two >= 16, got {v!r}")
-    for field in ("group_m", "num_warps", "num_stages", "split_k"):
-        v = getattr(cfg, field)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"config.{field} must be a positive int, got {v!r}")
-    if cfg.num_warps & (cfg.num_warps - 1):
-        raise ValueError(f"config.num_warps must be a power of two, got {cfg.num_warps}")
+        checks.power_of_two(f"config.{field}", getattr(cfg, field))
+    checks.power_of_two("config.num_warps", cfg.num_warps, 1)
+    for field in ("group_m", "num_stages", "split_k"):
+        checks.positive_int(f"config.{field}", getattr(cfg, field))
     block_k_args("config.block_k", cfg.block_k, code, group_k)
 
 
