@@ -68,6 +68,51 @@ _MIN_K_TILES_PER_SPLIT = 4
 DIRECT_MAX_PAIRS = 64
 
 
+@triton.jit
+def _swiglu_backward(d_h, router_w, pairs, offs_n, mask, N, da_ptrs, stride_dan,
+                     preact_ptr, stride_pm, stride_pn, h_ptr, stride_hm, stride_hn, dw_ptrs, row_mask,
+                     ON_INPUT: tl.constexpr):
+    """Epilogue of the backward's first GEMM, d_h = dOut[token] @ down_proj[e]^T ([BLOCK_M,
+    BLOCK_N] fp32, columns offs_n of I = N), for rows `pairs` with router weights router_w.
+
+    With a_g, a_u the saved pre-activations (x @ gate, x @ up) and w the router weight, the
+    forward computed g = w a_g, u = w a_u (on input; else g = a_g, u = a_u and the output row
+    was scaled by w), h = silu(g) u. It writes, in one pass over the tile:
+      dA = [dL/da_g | dL/da_u] into columns n and N + n of da (what dX and dgate_up multiply),
+      h (times w when the weight was on the output) for the down weight's gradient,
+      this column block's share of dL/dw (summed over blocks by the caller: no atomics).
+    """
+    p_ptrs = preact_ptr + pairs[:, None] * stride_pm + offs_n[None, :] * stride_pn
+    a_g = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+    a_u = tl.load(p_ptrs + N * stride_pn, mask=mask, other=0.0).to(tl.float32)
+    w = router_w[:, None]
+    if ON_INPUT:
+        g = a_g * w
+        u = a_u * w
+        d_out_h = d_h
+    else:
+        g = a_g
+        u = a_u
+        d_out_h = d_h * w
+    sig = tl.sigmoid(g)
+    silu = g * sig
+    h = silu * u
+    d_g = d_out_h * u * sig * (1.0 + g * (1.0 - sig))  # silu'(g) = sig (1 + g (1 - sig))
+    d_u = d_out_h * silu
+    if ON_INPUT:  # g = w a_g: dL/dw collects a_g dL/dg, and dL/da_g = w dL/dg
+        d_w = tl.sum(d_g * a_g + d_u * a_u, axis=1)
+        d_g = d_g * w
+        d_u = d_u * w
+    else:  # out = w (h @ down): dL/dw = dOut . (h @ down) = (dOut @ down^T) . h
+        d_w = tl.sum(d_h * h, axis=1)
+        h = h * w
+    tl.store(da_ptrs, d_g.to(da_ptrs.dtype.element_ty), mask=mask)
+    tl.store(da_ptrs + N * stride_dan, d_u.to(da_ptrs.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + pairs[:, None] * stride_hm + offs_n[None, :] * stride_hn,
+             h.to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(dw_ptrs, d_w, mask=row_mask)
+
+
 # Arguments that change with the batch are not specialized (on ==1 or %16), so a new batch size
 # does not compile a new variant.
 @triton.jit(do_not_specialize=["num_pairs", "num_pid_m", "num_splits"])
@@ -80,7 +125,8 @@ def _moe_gemm_kernel(
     # points [E, K groups, N_total], FP8 activation scales of A's rows [rows, K groups] (dequant.py)
     bs_ptr, stride_bse, stride_bsk, stride_bsn, bz_ptr, stride_bze, stride_bzk, stride_bzn,
     as_ptr, stride_asm, stride_ask,
-    # C rows are pair indices: h [P, N], fp32 partials [splits, P, N or 2N], or out [T, N] (top-1)
+    # C rows are pair indices: h [P, N], fp32 partials [splits, P, N or 2N], or out [T, N] (top-1);
+    # SWIGLU_BWD: dA [P, 2N], the gradient of the gate/up pre-activations
     c_ptr, stride_cm, stride_cn, c_split_stride,
     # routing: flat topk_ids / topk_weights [P], and the dispatch metadata (unused when DIRECT)
     topk_ids_ptr, topk_weights_ptr, sorted_pairs_ptr, expert_offsets_ptr, block_offsets_ptr,
@@ -95,6 +141,15 @@ def _moe_gemm_kernel(
     GROUP_M: tl.constexpr, BLOCK_B: tl.constexpr,
     WEIGHT_FORMAT: tl.constexpr = DENSE,  # dequant.py's formats; DENSE: B in A's dtype
     GROUP_K: tl.constexpr = 128,          # K rows per scale group of a quantized B
+    # training (fused_moe_backward): the gate/up pre-activations [P, 2N] before the router
+    # weight, written by the forward (GATED, STORE_PREACT) and read by the SwiGLU backward
+    preact_ptr=None, stride_pm=0, stride_pn=0,
+    # SWIGLU_BWD only: h [P, N] recomputed for the down weight gradient, and the router-weight
+    # gradient's partial sums [P, column blocks] (fp32)
+    h_ptr=None, stride_hm=0, stride_hn=0, dw_ptr=None, stride_dwm=0,
+    STORE_PREACT: tl.constexpr = False,
+    SWIGLU_BWD: tl.constexpr = False,  # the epilogue of dH = dOut @ down^T (see _swiglu_backward)
+    ON_INPUT: tl.constexpr = True,     # SWIGLU_BWD: the router weight was applied on the input
 ):
     # -- which tile: grouped ordering, so the CTAs resident at once share B column blocks
     # (several row blocks of one expert) and A row blocks (several column blocks).
@@ -125,7 +180,7 @@ def _moe_gemm_kernel(
     valid_expert = (expert >= 0) & (expert < num_experts)
     pairs = pairs.to(tl.int64)
     a_rows = pairs // A_ROW_DIV
-    if SCALE_C:
+    if SCALE_C or SWIGLU_BWD:
         router_w = tl.load(topk_weights_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
 
     # -- this split's K range (whole K tiles).
@@ -178,6 +233,15 @@ def _moe_gemm_kernel(
         acc = rowwise_epilogue(acc, a_scale, bs_base, stride_bsn, offs_n, n_mask, WEIGHT_FORMAT)
         if GATED:
             acc_up = rowwise_epilogue(acc_up, a_scale, bs_base, stride_bsn, offs_n + N, n_mask, WEIGHT_FORMAT)
+    if STORE_PREACT:  # before the router weight: the backward needs x_e @ gate_up unscaled
+        p_ptrs = preact_ptr + pairs[:, None] * stride_pm + offs_n[None, :] * stride_pn
+        tl.store(p_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(p_ptrs + N * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=c_mask)
+    if SWIGLU_BWD:
+        _swiglu_backward(acc, router_w, pairs, offs_n, c_mask, N, c_ptrs, stride_cn,
+                         preact_ptr, stride_pm, stride_pn, h_ptr, stride_hm, stride_hn,
+                         dw_ptr + pairs * stride_dwm + pid_n, row_mask, ON_INPUT)
+        return
     if SCALE_C:  # the router weight on the GEMM result rows: w * (a @ B) == (w * a) @ B
         acc = acc * router_w[:, None]
         if GATED:
@@ -191,6 +255,45 @@ def _moe_gemm_kernel(
             tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=c_mask)
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _moe_wgrad_kernel(
+    # A rows [*, KO] (x or h) and B rows [*, NO] (dA or dOut), gathered by pair
+    a_ptr, stride_am, stride_ak, b_ptr, stride_bm, stride_bn,
+    # C: the weight gradient [E, KO, NO]
+    c_ptr, stride_ce, stride_ck, stride_cn,
+    sorted_pairs_ptr, expert_offsets_ptr, KO, NO,
+    A_ROW_DIV: tl.constexpr, B_ROW_DIV: tl.constexpr,  # row of pair p: p // DIV (top_k for token rows)
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dW[e] = sum over expert e's pairs p of A[p]^T B[p]: a grouped GEMM whose reduction runs
+    over each expert's rows (the dispatch metadata lists them). One program owns a [BLOCK_K,
+    BLOCK_N] tile of one expert's gradient and reduces all of that expert's pairs in fp32, so
+    the sum has a fixed order (deterministic, no atomics) and an expert with no pairs gets an
+    exact zero gradient. Grid: (tiles of [KO, NO], E); bucket E (skipped ids) is never read."""
+    expert = tl.program_id(1)
+    pid_k, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(KO, BLOCK_K), tl.cdiv(NO, BLOCK_N), GROUP_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = offs_k < KO
+    n_mask = offs_n < NO
+    start = tl.load(expert_offsets_ptr + expert)
+    end = tl.load(expert_offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for s0 in range(start, end, BLOCK_P):
+        slots = s0 + tl.arange(0, BLOCK_P)
+        row_mask = slots < end
+        pairs = tl.load(sorted_pairs_ptr + slots, mask=row_mask, other=0).to(tl.int64)
+        a = tl.load(a_ptr + (pairs // A_ROW_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + (pairs // B_ROW_DIV)[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+                    mask=row_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+    c_ptrs = (c_ptr + expert.to(tl.int64) * stride_ce + offs_k[:, None].to(tl.int64) * stride_ck
+              + offs_n[None, :] * stride_cn)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,7 +498,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
               weight_format: str | None = None, gate_up_scale: torch.Tensor | None = None,
               down_scale: torch.Tensor | None = None, gate_up_zero: torch.Tensor | None = None,
               down_zero: torch.Tensor | None = None, group_size: int = 128,
-              act_scale_ub: float | None = None, config: MoeConfig | None = None) -> torch.Tensor:
+              act_scale_ub: float | None = None, config: MoeConfig | None = None,
+              preact: torch.Tensor | None = None) -> torch.Tensor:
     """Routed SwiGLU experts, computing only the chosen (token, expert) pairs.
 
     hidden_states: [T, H] float16/bfloat16/float32, any strides.
@@ -424,6 +528,9 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     config:        optional MoeConfig replacing `launch_config`'s choice, split_k included
                    (tests force tile sizes with it: K steps inside one scale group, the
                    direct or the sorted path); validated by `config_args`.
+    preact:        optional [T * k, 2I] tensor in hidden_states' dtype that receives, for pair
+                   p = t * k + j, x[t] @ gate_up_proj[topk_ids[t, j]] before the router weight
+                   (what `fused_moe_backward` needs; training). Rows of skipped ids get zeros.
 
     Returns [T, H] in hidden_states' dtype: sum over the k choices of
     down(silu(x_w @ gate) * (x_w @ up)), accumulated in fp32. The shared expert is not included.
@@ -444,11 +551,18 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
         checks.out_like(out, hidden_states, "hidden_states")
         checks.disjoint("out", out, hidden_states=hidden_states, gate_up_proj=gate_up_proj, down_proj=down_proj,
                         topk_weights=topk_weights, topk_ids=topk_ids)
+    if preact is not None:
+        P, two_i = topk_ids.numel(), gate_up_proj.shape[2]
+        checks.out_like(preact, hidden_states, "hidden_states", name="preact", shape=(P, two_i))
+        checks.disjoint("preact", preact, output=out, hidden_states=hidden_states, gate_up_proj=gate_up_proj,
+                        down_proj=down_proj, topk_weights=topk_weights, topk_ids=topk_ids)
     if hidden_states.shape[0] == 0:
         return out
     cfg = config or launch_config(hidden_states, gate_up_proj, down_proj, topk_ids.shape[1], quant)
+    if preact is not None:  # the pre-activations come from one K pass (no split partials)
+        cfg = replace(cfg, gate_up=replace(cfg.gate_up, split_k=1))
     return _launch(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
-                   apply_router_weight_on_input, out, cfg, quant)
+                   apply_router_weight_on_input, out, cfg, quant, preact)
 
 
 def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -486,7 +600,7 @@ def config_args(cfg, quant: ExpertQuant | None = None):
 
 
 def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig,
-            quant: ExpertQuant | None = None):
+            quant: ExpertQuant | None = None, preact: torch.Tensor | None = None):
     """Run fused_moe with an explicit config (validated inputs, T > 0)."""
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[2] // 2
@@ -524,6 +638,8 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
     y1 = h if g.split_k == 1 else torch.empty(g.split_k, P, 2 * I, dtype=torch.float32, device=x.device)
     a1, q1, f1 = quant_args(x, *((quant.gate_up_scale, quant.gate_up_zero) if quant else (None, None)))
+    if preact is not None:
+        f1.update(preact_ptr=preact, stride_pm=preact.stride(0), stride_pn=preact.stride(1), STORE_PREACT=True)
     grid = (num_pid_m * triton.cdiv(I, g.block_n), g.split_k)
     _moe_gemm_kernel[grid](
         a1, a1.stride(0), a1.stride(1),
@@ -557,3 +673,133 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
             y2, out, out.stride(0), out.stride(1), H, y2.stride(0), d.split_k,
             ROWS=top_k, SWIGLU=False, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+def _wgrad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_N, num_warps, num_stages) of the weight-gradient GEMM. 16-bit:
+    128 x 128 output tiles reducing 64 rows a step (a Hopper-sized tile; not measured on a GPU
+    yet). float32 runs the exact dot, whose operands live in registers: small tiles."""
+    if dtype == torch.float32:
+        return 32, 32, 32, 4, 2
+    return 64, 128, 128, 8, 3
+
+
+def _weight_grad(a, a_row_div: int, b, b_row_div: int, meta, num_experts: int, out_dtype) -> torch.Tensor:
+    """[E, KO, NO] = per expert, the sum over its pairs p of a[p // a_row_div]^T b[p // b_row_div]."""
+    KO, NO = a.shape[1], b.shape[1]
+    c = torch.empty(num_experts, KO, NO, dtype=out_dtype, device=a.device)
+    block_p, block_k, block_n, warps, stages = _wgrad_config(a.dtype)
+    grid = (triton.cdiv(KO, block_k) * triton.cdiv(NO, block_n), num_experts)
+    _moe_wgrad_kernel[grid](
+        a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), c, *c.stride(),
+        meta.sorted_pairs, meta.expert_offsets, KO, NO,
+        A_ROW_DIV=a_row_div, B_ROW_DIV=b_row_div,
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return c
+
+
+def fused_moe_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
+                       down_proj: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                       preact: torch.Tensor, *, apply_router_weight_on_input: bool = True,
+                       weight_grads: bool = True):
+    """Gradients of `fused_moe` (16-bit or fp32 weights; quantized experts are dequantized by
+    the caller, and their weights are frozen: weight_grads=False).
+
+    grad_out [T, H] (any strides, e.g. an expanded scalar gradient); hidden_states, gate_up_proj,
+    down_proj, topk_weights, topk_ids as given to the forward; preact [T * k, 2I] what the
+    forward wrote into its `preact` argument.
+
+    Returns (d_hidden_states [T, H], d_gate_up_proj [E, H, 2I] or None, d_down_proj [E, I, H] or
+    None, d_topk_weights [T, k]), each in its input's dtype, every element written (an expert
+    with no tokens gets zeros). Four kernels, all over the forward's dispatch metadata:
+
+    1. dH = dOut[token] @ down_proj[e]^T (the forward's GEMM with B read transposed through its
+       strides), whose epilogue runs the SwiGLU backward from the saved pre-activations and
+       writes dA [P, 2I], h [P, I] and the router-weight gradient's column-block partials;
+    2. dX = sum over a token's pairs of dA @ gate_up_proj[e]^T (the forward's down GEMM shape:
+       direct rows for top-1, fp32 partials and the fixed-order combine for top-k);
+    3. d_gate_up_proj[e] = x_e^T dA_e and 4. d_down_proj[e] = h_e^T dOut_e: `_moe_wgrad_kernel`.
+    Deterministic: every sum has a fixed order, nothing is accumulated with atomics.
+    """
+    checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
+    T, H = hidden_states.shape
+    E, two_i = gate_up_proj.shape[0], gate_up_proj.shape[2]
+    I = two_i // 2
+    top_k = topk_ids.shape[1]
+    P = T * top_k
+    checks.tensor("grad_out", grad_out, ndim=2, dtypes=(hidden_states.dtype,))
+    checks.tensor("preact", preact, ndim=2, dtypes=(hidden_states.dtype,))
+    if tuple(grad_out.shape) != (T, H):
+        raise ValueError(f"grad_out must be [T={T}, H={H}], got {tuple(grad_out.shape)}")
+    if tuple(preact.shape) != (P, two_i):
+        raise ValueError(f"preact must be [T * top_k={P}, 2I={two_i}], got {tuple(preact.shape)}")
+    checks.same_device(hidden_states=hidden_states, grad_out=grad_out, preact=preact)
+    checks.kernel_device("hidden_states", hidden_states, "fused_moe_backward", checks.INTERPRETER_BF16_DOT)
+    x = hidden_states
+    dev = x.device
+    d_x = torch.empty(T, H, dtype=x.dtype, device=dev)
+    d_w = torch.zeros(T, top_k, dtype=topk_weights.dtype, device=dev)
+    if T == 0:
+        d13 = torch.zeros_like(gate_up_proj) if weight_grads else None
+        d2 = torch.zeros_like(down_proj) if weight_grads else None
+        return d_x, d13, d2, d_w
+
+    # The forward's tiles for these shapes (block_m, both GEMMs' N/K tiles); no split K: the
+    # SwiGLU backward needs the whole K sum, and training batches fill the GPU anyway.
+    cfg = select_config(T, top_k, E, H, I, x.dtype, num_sms=_num_sms(dev), use_table=False)
+    cfg = replace(cfg, block_m=max(16, min(cfg.block_m, 128)))
+    meta = dispatch_metadata(topk_ids, E, cfg.block_m)
+    ids = topk_ids.contiguous().view(-1)
+    weights = topk_weights.contiguous().view(-1)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    common = dict(DIRECT=False, DOT_PRECISION=precision, BLOCK_M=cfg.block_m,
+                  BLOCK_B=max(256, triton.next_power_of_2(E + 1)))
+    routing_args = (ids, weights, meta.sorted_pairs, meta.expert_offsets, meta.block_offsets, P, E, meta.max_blocks)
+    unused_quant = (x, 0, 0, 0, x, 0, 0, 0, x, 0, 0)
+
+    # 1. dH = dOut @ down^T [P, I] -> dA [P, 2I], h [P, I], router-weight partials
+    g = cfg.gate_up
+    d_a = torch.empty(P, two_i, dtype=x.dtype, device=dev)
+    h = torch.empty(P, I, dtype=x.dtype, device=dev)
+    n_blocks = triton.cdiv(I, g.block_n)
+    d_w_parts = torch.empty(P, n_blocks, dtype=torch.float32, device=dev)
+    _moe_gemm_kernel[(meta.max_blocks * n_blocks, 1)](
+        grad_out, grad_out.stride(0), grad_out.stride(1),
+        down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), *unused_quant,
+        d_a, d_a.stride(0), d_a.stride(1), 0,
+        *routing_args, I, H, 1,
+        A_ROW_DIV=top_k, GATED=False, SCALE_C=False, C_PARTIAL=False,
+        BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m, num_warps=g.num_warps, num_stages=g.num_stages,
+        preact_ptr=preact, stride_pm=preact.stride(0), stride_pn=preact.stride(1),
+        h_ptr=h, stride_hm=h.stride(0), stride_hn=h.stride(1), dw_ptr=d_w_parts, stride_dwm=d_w_parts.stride(0),
+        SWIGLU_BWD=True, ON_INPUT=apply_router_weight_on_input, **common)
+    d_w.copy_(d_w_parts.sum(dim=1).view(T, top_k))
+
+    # 2. dX = sum over a token's pairs of dA @ gate_up^T: the forward's down GEMM, K = 2I
+    d = cfg.down
+    partial = top_k > 1
+    y = torch.empty(P, H, dtype=torch.float32, device=dev) if partial else d_x
+    _moe_gemm_kernel[(meta.max_blocks * triton.cdiv(H, d.block_n), 1)](
+        d_a, d_a.stride(0), d_a.stride(1),
+        gate_up_proj, gate_up_proj.stride(0), gate_up_proj.stride(2), gate_up_proj.stride(1), *unused_quant,
+        y, y.stride(0), y.stride(1), 0,
+        *routing_args, H, two_i, 1,
+        A_ROW_DIV=1, GATED=False, SCALE_C=False, C_PARTIAL=partial,
+        BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m, num_warps=d.num_warps, num_stages=d.num_stages,
+        **common)
+    if partial:
+        combine_splits_kernel[(T, triton.cdiv(H, COMBINE_BLOCK_N))](
+            y, d_x, d_x.stride(0), d_x.stride(1), H, y.stride(0), 1,
+            ROWS=top_k, SWIGLU=False, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
+    if not weight_grads:
+        return d_x, None, None, d_w
+
+    # 3-4. the weight gradients, reduced over each expert's pairs
+    d13 = _weight_grad(x, top_k, d_a, 1, meta, E, gate_up_proj.dtype)
+    d2 = _weight_grad(h, 1, grad_out, top_k, meta, E, down_proj.dtype)
+    return d_x, d13, d2, d_w

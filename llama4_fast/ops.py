@@ -41,6 +41,10 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     both `Int4Weight` (logical shapes as above, one format); then the router weight multiplies
     the fp32 GEMM result and FP8 formats quantize the activations at run time (see
     `kernels.fused_moe`'s weight_format).
+
+    Differentiable (training) in hidden_states, both weights and topk_weights; quantized
+    weights are frozen (a quantized tensor that requires grad is refused) and pass gradients
+    to hidden_states and topk_weights through their dequantized values.
     """
     from llama4_fast.quant import QuantWeight, expert_kernel_args
 
@@ -48,6 +52,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
         from llama4_fast.kernels.moe import quant_experts_args
 
         kw = expert_kernel_args(gate_up_proj, down_proj)
+        _frozen("gate_up_proj", gate_up_proj)
+        _frozen("down_proj", down_proj)
         w13, w2 = gate_up_proj.tensors()[0], down_proj.tensors()[0]
         quant_experts_args(hidden_states, w13, w2, **kw)
         checks.routing_args(hidden_states, topk_weights, topk_ids, w13.shape[0])
@@ -72,7 +78,15 @@ def quant_linear(x: torch.Tensor, weight) -> torch.Tensor:
     if len(weight.shape) != 2 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"weight must be [K={x.shape[1]}, N], got {list(weight.shape)}")
     checks.same_device(x=x, weight=weight.tensors()[0])
+    _frozen("weight", weight)
     return registry.call("quant_linear", x, weight)
+
+
+def _frozen(name: str, weight):
+    """Quantized weights are not trained (the backward gives the activations' gradient only)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in weight.tensors()):
+        raise ValueError(f"{name} is a quantized weight that requires grad: quantized weights are frozen "
+                         "(train adapters or full-precision weights; call .requires_grad_(False) on its tensors)")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,

@@ -275,6 +275,18 @@ def kernel_args(weight) -> dict:
                 group_size=128, act_scale_ub=weight.act_scale_ub)
 
 
+def from_kernel_args(qweight: torch.Tensor, weight_format: str, scale: torch.Tensor, zero: torch.Tensor | None,
+                     group_size: int, act_scale_ub: float | None):
+    """The format object that `kernel_args` (or one weight of `expert_kernel_args`) describes:
+    how the backward of a custom op, which receives plain tensors, dequantizes its weight."""
+    if weight_format == "int4":
+        return Int4Weight(qweight, scale, zero, group_size)
+    if weight_format == "fp8_block":
+        return Fp8Weight(qweight, scale, "block", act_scale_ub)
+    per_tensor = scale.shape[-1] == 1 and qweight.shape[-1] != 1
+    return Fp8Weight(qweight, scale, "tensor" if per_tensor else "channel", act_scale_ub)
+
+
 def expert_kernel_args(gate_up_proj, down_proj) -> dict:
     """Quantized experts as `kernels.fused_moe` keyword arguments (besides the two weights).
     Both must share one format (type, granularity, group size, zero points, act_scale_ub)."""

@@ -42,6 +42,26 @@ def moe64(x, gate_up, down, weights, ids, on_input=True):
     return out
 
 
+def moe64_grads(x, gate_up, down, weights, ids, grad_out, on_input=True):
+    """Gradients of moe64's function, by torch.autograd in float64: (dx, d_gate_up, d_down,
+    d_weights) for the loss sum(out * grad_out). Written per (token, slot) pair with the
+    experts gathered, independently of the kernels' grouping."""
+    x, gate_up, down, weights = (t.detach().double().cpu().requires_grad_() for t in (x, gate_up, down, weights))
+    ids, grad_out = ids.cpu().long(), grad_out.detach().double().cpu()
+    T, k = ids.shape
+    inter = down.shape[1]
+    valid = ((ids >= 0) & (ids < gate_up.shape[0])).reshape(-1)
+    e = ids.reshape(-1).clamp(0, gate_up.shape[0] - 1)
+    rows = torch.arange(T).repeat_interleave(k)
+    w = weights.reshape(-1, 1)
+    xi = x[rows] * w if on_input else x[rows]
+    gu = torch.einsum("ph,phn->pn", xi, gate_up[e])
+    y = torch.einsum("pi,pih->ph", torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:], down[e])
+    y = (y if on_input else w * y) * valid[:, None]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float64).index_add(0, rows, y)
+    return torch.autograd.grad(out, (x, gate_up, down, weights), grad_out)
+
+
 def visible64(B, Sq, Skv, chunk_size=None, kv_start=0):
     """bool [B, Sq, Skv]: may query i of sequence b attend key j (DESIGN.md positions)."""
     starts = kv_start.tolist() if isinstance(kv_start, torch.Tensor) else [kv_start] * B

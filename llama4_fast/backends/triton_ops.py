@@ -1,7 +1,12 @@
 """The `triton` backend: the launchers in `llama4_fast.kernels`, wrapped as torch custom ops.
 
 Custom ops with fake (meta) implementations let `torch.compile` trace through them and keep
-them capturable in CUDA graphs. The backend supports CUDA tensors, and CPU tensors when
+them capturable in CUDA graphs. Training: when grad mode is on and an input requires grad,
+each op runs a `*_train` twin that also returns what its backward needs (the MoE's
+pre-activations, attention's log-sum-exp), with the backward registered on it
+(`torch.library.register_autograd`) and run by backward custom ops; inference never pays for
+the saved tensors. Quantized weights are frozen (their backward gives dX and the router
+weight's gradient from the dequantized weights, QLoRA style). The backend supports CUDA tensors, and CPU tensors when
 TRITON_INTERPRET=1 (how the kernels are tested without a GPU). The interpreter multiplies raw
 bit patterns in bf16 `tl.dot` (triton issue 11584) and truncates fp32 -> bf16 casts, so there
 it declines bf16 inputs and the registry falls through to the `torch` backend.
@@ -12,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from llama4_fast import kernels, registry
-from llama4_fast.quant import QuantWeight, expert_kernel_args, kernel_args
+from llama4_fast.quant import QuantWeight, expert_kernel_args, from_kernel_args, kernel_args
 
 PRIORITY = 10  # preferred over the torch reference wherever it supports the inputs
 
@@ -110,18 +115,154 @@ def _(q, k, q_out, k_out, cos, sin, positions, qk_norm_eps, floor_scale, attn_sc
     return None
 
 
+# -- training: forward twins that save for the backward, and the backward ops ---------------------
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _route_backward(ctx, grad_weights, grad_ids):
+    """d logits [T, E] from d weights [T, k]: sigmoid scoring touches only the chosen logits
+    (w' = w (1 - w)); softmax (with or without renormalizing the k weights) couples the row."""
+    logits, weights, ids = ctx.saved_tensors
+    ids = ids.long()
+    g = grad_weights.float()
+    if ctx.scoring == "sigmoid":
+        d = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, ids, g * weights * (1 - weights))
+        return d.to(logits.dtype), None, None, None
+    if ctx.renormalize:  # w_j = p_j / S with S the sum of the chosen p: dL/dp_j = (g_j - sum g w) / S
+        probs_sel = torch.softmax(logits.float(), dim=-1).gather(1, ids)
+        g = (g - (g * weights).sum(dim=1, keepdim=True)) / probs_sel.sum(dim=1, keepdim=True)
+    p = torch.softmax(logits.float(), dim=-1)
+    g_full = torch.zeros_like(p).scatter_(1, ids, g)
+    d = p * (g_full - (g_full * p).sum(dim=1, keepdim=True))
+    return d.to(logits.dtype), None, None, None
+
+
+def _route_setup(ctx, inputs, output):
+    logits, _, scoring, renormalize = inputs
+    ctx.scoring, ctx.renormalize = scoring, renormalize
+    ctx.save_for_backward(logits, *output)
+
+
+_route.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+@torch.library.custom_op("llama4_fast::fused_moe_train", mutates_args=())
+def _fused_moe_train(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     apply_router_weight_on_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    preact = hidden_states.new_empty(topk_ids.numel(), gate_up_proj.shape[2])
+    out = kernels.fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
+                            apply_router_weight_on_input=apply_router_weight_on_input, preact=preact)
+    return out, preact
+
+
+@_fused_moe_train.register_fake
+def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_router_weight_on_input):
+    return torch.empty_like(hidden_states), hidden_states.new_empty(topk_ids.numel(), gate_up_proj.shape[2])
+
+
+@torch.library.custom_op("llama4_fast::fused_moe_train_quant", mutates_args=())
+def _fused_moe_train_quant(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                           topk_weights: torch.Tensor, topk_ids: torch.Tensor, apply_router_weight_on_input: bool,
+                           weight_format: str, gate_up_scale: torch.Tensor, down_scale: torch.Tensor,
+                           gate_up_zero: torch.Tensor | None, down_zero: torch.Tensor | None, group_size: int,
+                           act_scale_ub: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    preact = hidden_states.new_empty(topk_ids.numel(), gate_up_proj.shape[2])
+    out = kernels.fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
+                            apply_router_weight_on_input=apply_router_weight_on_input, weight_format=weight_format,
+                            gate_up_scale=gate_up_scale, down_scale=down_scale, gate_up_zero=gate_up_zero,
+                            down_zero=down_zero, group_size=group_size, act_scale_ub=act_scale_ub, preact=preact)
+    return out, preact
+
+
+@_fused_moe_train_quant.register_fake
+def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *args):
+    return torch.empty_like(hidden_states), hidden_states.new_empty(topk_ids.numel(), gate_up_proj.shape[2])
+
+
+@torch.library.custom_op("llama4_fast::fused_moe_backward", mutates_args=())
+def _fused_moe_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
+                        down_proj: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        preact: torch.Tensor, apply_router_weight_on_input: bool,
+                        weight_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, d13, d2, dw = kernels.moe.fused_moe_backward(
+        grad_out.to(hidden_states.dtype), hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, preact,
+        apply_router_weight_on_input=apply_router_weight_on_input, weight_grads=weight_grads)
+    # an op cannot return None; an empty tensor says "no weight gradient"
+    return dx, hidden_states.new_empty(0) if d13 is None else d13, hidden_states.new_empty(0) if d2 is None else d2, dw
+
+
+@_fused_moe_backward.register_fake
+def _(grad_out, hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, preact, on_input, weight_grads):
+    return (torch.empty_like(hidden_states),
+            torch.empty_like(gate_up_proj) if weight_grads else hidden_states.new_empty(0),
+            torch.empty_like(down_proj) if weight_grads else hidden_states.new_empty(0),
+            torch.empty_like(topk_weights))
+
+
+def _fused_moe_setup(ctx, inputs, output):
+    hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, on_input = inputs[:6]
+    ctx.on_input = on_input
+    ctx.quant = inputs[6:]  # (weight_format, scales, zeros, group_size, act_scale_ub) when quantized
+    ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, output[1])
+
+
+def _fused_moe_grads(ctx, grad_out, grad_preact):
+    x, w13, w2, weights, ids, preact = ctx.saved_tensors
+    if ctx.quant:  # frozen quantized experts: dX and dw through the dequantized weights
+        fmt, s13, s2, z13, z2, group_size, ub = ctx.quant
+        w13 = from_kernel_args(w13, fmt, s13, z13, group_size, ub).dequantize(x.dtype)
+        w2 = from_kernel_args(w2, fmt, s2, z2, group_size, ub).dequantize(x.dtype)
+    weight_grads = not ctx.quant and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+    dx, d13, d2, dw = _fused_moe_backward(grad_out, x, w13, w2, weights, ids, preact, ctx.on_input, weight_grads)
+    grads = (dx, d13 if weight_grads else None, d2 if weight_grads else None, dw, None, None)
+    return grads + (None,) * len(ctx.quant)
+
+
+_fused_moe_train.register_autograd(_fused_moe_grads, setup_context=_fused_moe_setup)
+_fused_moe_train_quant.register_autograd(_fused_moe_grads, setup_context=_fused_moe_setup)
+
+
+def _quant_linear_setup(ctx, inputs, output):
+    x, qweight, scale, zero, weight_format, group_size, act_scale_ub = inputs
+    ctx.format = (weight_format, group_size, act_scale_ub)
+    ctx.save_for_backward(qweight, scale, zero)
+
+
+def _quant_linear_grads(ctx, grad_y):
+    """dX = dY @ W^T with W dequantized (the activation rounding of FP8 formats is passed
+    straight through); the quantized weight itself is frozen."""
+    qweight, scale, zero = ctx.saved_tensors
+    fmt, group_size, ub = ctx.format
+    w = from_kernel_args(qweight, fmt, scale, zero, group_size, ub).dequantize(torch.float32)
+    dx = (grad_y.float() @ w.t()).to(grad_y.dtype)
+    return dx, None, None, None, None, None, None
+
+
+_quant_linear.register_autograd(_quant_linear_grads, setup_context=_quant_linear_setup)
+
+
+# -- the backend's functions (registered below) ---------------------------------------------------
+
 def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
     return _route(router_logits, top_k, scoring, renormalize)
 
 
 def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *, apply_router_weight_on_input=True):
+    on_input = apply_router_weight_on_input
     if isinstance(gate_up_proj, QuantWeight):
         kw = expert_kernel_args(gate_up_proj, down_proj)
-        return _fused_moe_quant(hidden_states, gate_up_proj.tensors()[0], down_proj.tensors()[0], topk_weights,
-                                topk_ids, apply_router_weight_on_input, kw["weight_format"], kw["gate_up_scale"],
-                                kw["down_scale"], kw["gate_up_zero"], kw["down_zero"], kw["group_size"],
-                                kw["act_scale_ub"])
-    return _fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_router_weight_on_input)
+        args = (hidden_states, gate_up_proj.tensors()[0], down_proj.tensors()[0], topk_weights, topk_ids, on_input,
+                kw["weight_format"], kw["gate_up_scale"], kw["down_scale"], kw["gate_up_zero"], kw["down_zero"],
+                kw["group_size"], kw["act_scale_ub"])
+        if _needs_grad(hidden_states, topk_weights):
+            return _fused_moe_train_quant(*args)[0]
+        return _fused_moe_quant(*args)
+    if _needs_grad(hidden_states, gate_up_proj, down_proj, topk_weights):
+        return _fused_moe_train(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, on_input)[0]
+    return _fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, on_input)
 
 
 def quant_linear(x, weight):
@@ -136,14 +277,55 @@ def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None):
     return _attention(q, k, v, chunk_size, scale, kv_start, None, kv_len)
 
 
+class _QkPrologueGrad(torch.autograd.Function):
+    """The prologue kernel forward; the backward differentiates the torch backend's chain of
+    the same steps (recomputed from the saved q, k: a few elementwise ops per head), exact
+    float math with no kernel of its own to keep in step."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, positions, qk_norm_eps, temperature):
+        ctx.save_for_backward(q, k, cos, sin, positions)
+        ctx.steps = (qk_norm_eps, temperature)
+        q_out, k_out = _qk_prologue_into(q, k, cos, sin, positions, qk_norm_eps, temperature,
+                                         torch.empty_like(q, memory_format=torch.contiguous_format),
+                                         torch.empty_like(k, memory_format=torch.contiguous_format))
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, d_q, d_k):
+        from llama4_fast.backends import torch_ref
+
+        q, k, cos, sin, positions = ctx.saved_tensors
+        qk_norm_eps, temperature = ctx.steps
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((q, k, cos, sin), ctx.needs_input_grad[:4])]
+        with torch.enable_grad():
+            q_new, k_new = torch_ref.qk_prologue(leaves[0], leaves[1], cos=leaves[2], sin=leaves[3],
+                                                 qk_norm_eps=qk_norm_eps, positions=positions, temperature=temperature)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            outs = [(o, d) for o, d in ((q_new, d_q), (k_new, d_k)) if o.requires_grad and d is not None]
+            grads = iter(torch.autograd.grad([o for o, _ in outs], wanted, [d for _, d in outs], allow_unused=True))
+        return (*(next(grads) if t is not None and t.requires_grad else None for t in leaves), None, None, None)
+
+
+def _qk_prologue_into(q, k, cos, sin, positions, qk_norm_eps, temperature, q_buf, k_buf):
+    floor_scale, attn_scale = (None, None) if temperature is None else temperature
+    _qk_prologue(q, k, q_buf, k_buf, cos, sin, positions, qk_norm_eps, floor_scale, attn_scale)
+    return (q if q_buf is None else q_buf), (k if k_buf is None else k_buf)
+
+
 def qk_prologue(q, k, *, cos=None, sin=None, qk_norm_eps=None, positions=None, temperature=None,
                 q_out=None, k_out=None):
+    if _needs_grad(q, k, cos, sin):
+        if q_out is not None or k_out is not None:
+            raise ValueError("qk_prologue: q_out / k_out cannot be used while q, k, cos or sin require grad "
+                             "(an output written in place has no gradient); leave them None in training")
+        return _QkPrologueGrad.apply(q, k, cos, sin, positions, qk_norm_eps, temperature)
     q_buf, k_buf = kernels.prologue.plan_outputs(q, k, q_out, k_out, rope=cos is not None,
                                                  qk_norm=qk_norm_eps is not None, temperature=temperature is not None)
-    if q_buf is not None or k_buf is not None:
-        floor_scale, attn_scale = (None, None) if temperature is None else temperature
-        _qk_prologue(q, k, q_buf, k_buf, cos, sin, positions, qk_norm_eps, floor_scale, attn_scale)
-    return (q if q_buf is None else q_buf), (k if k_buf is None else k_buf)
+    if q_buf is None and k_buf is None:
+        return q, k
+    return _qk_prologue_into(q, k, cos, sin, positions, qk_norm_eps, temperature, q_buf, k_buf)
 
 
 def _tensors(w) -> tuple[torch.Tensor, ...]:
