@@ -111,10 +111,18 @@ def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None):
         visible = key_positions_visible(q_pos, k_pos, chunk_size)[:, None, None]  # [B,1,1,bq,bk]
         scores = torch.matmul(qg[:, :, :, i0:i1].float(), k[:, :, None, lo:hi].float().transpose(-1, -2))
         scores = scores * scale
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        probs = _masked_softmax(scores, visible)
         out[:, :, :, i0:i1] = _weighted_values(probs, v[:, :, None, lo:hi], visible).to(q.dtype)
     return out.reshape(B, Hq, Sq, D)
+
+
+def _masked_softmax(scores, visible):
+    """softmax over the visible scores. A row that sees no key gets a uniform softmax of zeros
+    instead of 0/0, which _weighted_values then zeroes: the same forward, and a backward
+    without the NaN that softmax's gradient of an all -inf row would spread (training with
+    left padding). A row whose visible scores are all -inf is still NaN, as softmax says."""
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores.masked_fill(~visible.any(-1, keepdim=True), 0.0), dim=-1)
 
 
 def _weighted_values(probs, values, visible):
@@ -135,8 +143,7 @@ def _attention_with_lengths(q, k, v, chunk_size, scale, starts, kv_len):
     visible = key_positions_visible(starts + q_idx, starts + keys, chunk_size) & (keys < kv_len)[:, None, :]
     qg = q.reshape(B, Hkv, Hq // Hkv, Sq, D).float()
     scores = torch.matmul(qg, k[:, :, None].float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    probs = _masked_softmax(scores, visible[:, None, None])
     # Slots past kv_len are seen by no row: 0 * (whatever a stale cache slot holds) is not NaN.
     out = _weighted_values(probs, v[:, :, None], visible[:, None, None])
     return out.to(q.dtype).reshape(B, Hq, Sq, D)
