@@ -10,28 +10,29 @@
 #   bash benchmarks/run_gpu_suite.sh --quick         # CPU dry run of every step: toy sizes, interpreter
 #   bash benchmarks/run_gpu_suite.sh --plan [STEPS]  # print what would run (steps, limits, commands)
 #
-# The kernel benchmarks (quant_matmul, moe_*, attention, qk_prologue) exit 1 when our kernel gives
-# a wrong answer or raises, after writing their JSON (still copied to $OUT): the step shows FAILED
-# and the suite's status is 1. A baseline that disagrees is flagged in the JSON, exit status 0.
+# The kernel benchmarks (quant_matmul, moe_*, attention, qk_prologue, train_step) exit 1 when our
+# kernel gives a wrong answer or raises, after writing their JSON (still copied to $OUT): the step
+# shows FAILED and the suite's status is 1. A baseline that disagrees is flagged in the JSON, exit status 0.
 #
 # On a machine that gets a copy of the tree without .git, name the commit being measured, so the
 # result files carry it: LLAMA4_FAST_COMMIT=$(git rev-parse HEAD) (expanded where .git is).
 #
 # The default run is one device call: every benchmark at a reduced size, the ones whose numbers
 # no committed result has yet first (e2e, quant_matmul, the FP8/INT4 MoE, attention, qk_prologue),
-# then the GPU tests (most kernels have never run on a GPU), then the bf16 MoE, hf_patch and
-# scaling, which session 1 measured (the suite's deadline cuts from the end). Each step has a
-# time limit (the table at the bottom; the benchmarks also stop at their --budget-s), and a
-# suite deadline of 470 s shortens or skips whatever would run past it, so the call ends within
+# then the GPU tests (most kernels have never run on a GPU), the training step (forward + backward
+# of one MoE and one attention layer), then the bf16 MoE, hf_patch and scaling, which session 1
+# measured (the suite's deadline cuts from the end). Each step has a time limit (the table at the
+# bottom; the benchmarks also stop at their --budget-s), and a suite deadline of 470 s shortens or
+# skips whatever would run past it, so the call ends within
 # 8 minutes whatever a step does. `all` and named steps run at full size with the longer limits and no deadline
-# (about 17 minutes for everything).
+# (about 20 minutes for everything).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 QUICK=""; PLAN=""
 [ "${1:-}" = "--quick" ] && { QUICK="--quick"; shift; }
 [ "${1:-}" = "--plan" ] && { PLAN=1; shift; }
-STEPS="e2e quant_matmul moe_fp8 moe_int4 attention qk_prologue gpu-tests moe_dispatch hf_patch scaling"
+STEPS="e2e quant_matmul moe_fp8 moe_int4 attention qk_prologue gpu-tests train_step moe_dispatch hf_patch scaling"
 for name in "$@"; do
   [[ " all $STEPS " == *" $name "* ]] || { echo "unknown step '$name' (steps: all $STEPS)" >&2; exit 2; }
 done
@@ -91,7 +92,7 @@ fi
 if [ -n "$QUICK" ]; then
   MOE="--quick"; MOE_QUANT="--quick --no-shared --tokens 1"; ATTENTION="--quick --budget-s 80"
   E2E="--quick --weights bf16 fp8 int4"; QM="--quick --budget-s 60"; QK="--quick --budget-s 25"
-  HF_PATCH="--quick"; SCALING=""
+  HF_PATCH="--quick"; SCALING=""; TRAIN="--quick"
 elif [ -n "$LEASE_RUN" ]; then
   MOE="--shapes scout maverick --tokens 1 64 4096 --no-shared"
   MOE_QUANT="--shapes scout maverick --tokens 1 8 64 4096 --no-shared"
@@ -100,10 +101,12 @@ elif [ -n "$LEASE_RUN" ]; then
   ATTENTION="--prefill 8192 32768 --contexts 8192 131072 --batches 1 16 --no-flex --budget-s 35"
   E2E="--budget-s 110 --repeats 1 --prompts 512 --batches 1 16 --weights bf16 fp8 int4"
   QM="--budget-s 35"; QK="--budget-s 15"; HF_PATCH="--quick"; SCALING="--tokens 1 64"
+  # one token count per MoE shape and the shortest attention layer, without flex's compile
+  TRAIN="--shapes scout maverick --tokens 4096 --seqs 8192 --no-flex --budget-s 35"
 else
   MOE=""; MOE_QUANT="--no-shared"; ATTENTION="--budget-s 80"
   E2E="--budget-s 170 --repeats 1 --prompts 512 --batches 1 16 --weights bf16 fp8 int4"
-  QM="--budget-s 60"; QK="--budget-s 25"; HF_PATCH=""; SCALING=""
+  QM="--budget-s 60"; QK="--budget-s 25"; HF_PATCH=""; SCALING=""; TRAIN="--budget-s 240"
 fi
 #    name        limit (s): default run, full size
 step e2e          150 230 $PY benchmarks/e2e.py $E2E
@@ -113,6 +116,7 @@ step moe_int4      40 220 $PY benchmarks/moe_dispatch.py --weights int4 $MOE_QUA
 step attention     55 115 $PY benchmarks/attention.py $ATTENTION
 step qk_prologue   30  45 $PY benchmarks/qk_prologue.py $QK
 [ -z "$QUICK" ] && step gpu-tests 90 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests
+step train_step    60 300 $PY benchmarks/train_step.py $TRAIN
 step moe_dispatch  40 220 $PY benchmarks/moe_dispatch.py $MOE
 step hf_patch      25  40 $PY benchmarks/hf_patch.py $HF_PATCH
 [ -z "$QUICK" ] && step scaling 30 60 $PY benchmarks/scaling.py $SCALING  # its CPU dry run is its own test
