@@ -25,7 +25,7 @@ from common import exit_status, markdown_table, rel_err, time_us, verdict, write
 
 from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import moe, route  # noqa: E402
-from llama4_fast.kernels.moe import GemmConfig  # noqa: E402
+from llama4_fast.kernels.gemm import GemmConfig  # noqa: E402
 
 SHAPES = {"scout": (16, 5120, 8192), "maverick": (128, 5120, 8192)}
 # (shape, T): prefill where the target is compute, decode sizes where it is bandwidth.

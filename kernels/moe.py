@@ -25,7 +25,7 @@ For hidden_states x [T, H], experts gate_up_proj [E, H, 2I] / down_proj [E, I, H
    weights (TP8's gate_up has 1024 columns: 16 tiles of 64), so either GEMM may split K
    across programs. A split GEMM stores fp32 partials and the combine kernel finishes it:
    sum of the splits, then SwiGLU (gate_up) or the sum over the k slots (down). Splitting is
-   decided per call from the tile count and the SM count, never at prefill.
+   decided per call from the tile count and the SM count (gemm.split_k), never at prefill.
 
 Quantized experts (FP8 per-channel / per-tensor / 128x128 blocks, INT4 group-wise; layouts in
 dequant.py) take the same two GEMMs with a constexpr WEIGHT_FORMAT: each K step calls
@@ -53,16 +53,12 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .device import sm_count
-from .tiling import COMBINE_BLOCK_N, combine_splits_kernel, grouped_tile
 from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
+from .gemm import COMBINE_BLOCK_N, GemmConfig, combine_splits_kernel, grouped_tile, num_sms, split_k
 from .quant_matmul import block_k_args, format_code, quant_weight_args, quantize_fp8_activations
 from .routing import dispatch_metadata
 
 CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "moe_h100.json"
-# Split K at most this many ways, keeping at least this many K steps per split.
-_MAX_SPLIT_K = 8
-_MIN_K_TILES_PER_SPLIT = 4
 # Up to this many (token, slot) pairs, fused_moe skips the dispatch metadata: one row block of
 # up to 64 rows holds every pair, and each GEMM program indexes its expert directly.
 DIRECT_MAX_PAIRS = 64
@@ -301,17 +297,6 @@ def _moe_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class GemmConfig:
-    """Tile and launch parameters of one of the two GEMMs. split_k is chosen per call."""
-    block_n: int
-    block_k: int
-    group_m: int
-    num_warps: int
-    num_stages: int
-    split_k: int = 1
-
-
-@dataclass(frozen=True)
 class MoeConfig:
     """block_m (rows per block) is shared: both GEMMs walk the same dispatch metadata."""
     block_m: int
@@ -382,24 +367,6 @@ def _heuristic_config(tokens_per_expert: float, H: int, I: int, elem_size: int) 
                      _heuristic_gemm(block_m, H, I, False, elem_size))
 
 
-def _split_k(cfg: GemmConfig, row_blocks: int, n: int, k: int, num_sms: int) -> int:
-    """Ways to split K when the (row block, column block) tiles leave SMs idle (decode).
-
-    Model: the kernel takes as long as its busiest SM, which runs cdiv(tiles * s, num_sms)
-    programs of 1/s of the K loop each. Take the smallest split within 10% of the best one,
-    and only if it beats no split by 10% (partials cost traffic and a combine launch).
-    Each split keeps at least _MIN_K_TILES_PER_SPLIT K steps for the software pipeline.
-    """
-    tiles = row_blocks * triton.cdiv(n, cfg.block_n)
-    if tiles >= num_sms:
-        return 1
-    max_split = max(1, min(_MAX_SPLIT_K, triton.cdiv(k, cfg.block_k) // _MIN_K_TILES_PER_SPLIT))
-    busiest = {s: triton.cdiv(tiles * s, num_sms) / s for s in range(1, max_split + 1)}
-    best = min(busiest.values())
-    split = min(s for s, t in busiest.items() if t <= 1.1 * best)
-    return split if busiest[split] < 0.9 * busiest[1] else 1
-
-
 @functools.lru_cache(maxsize=4096)  # a decode loop asks for the same config every step: ~25 us saved
 def select_config(num_tokens: int, top_k: int, E: int, H: int, I: int, dtype: torch.dtype, *,
                   num_sms: int, use_table: bool) -> MoeConfig:
@@ -417,12 +384,8 @@ def select_config(num_tokens: int, top_k: int, E: int, H: int, I: int, dtype: to
     # Row blocks that will really run: at most one per expert when pairs are few (decode),
     # about pairs / block_m when many.
     row_blocks = max(min(pairs, E), triton.cdiv(pairs, cfg.block_m))
-    return replace(cfg, gate_up=replace(cfg.gate_up, split_k=_split_k(cfg.gate_up, row_blocks, I, H, num_sms)),
-                   down=replace(cfg.down, split_k=_split_k(cfg.down, row_blocks, H, I, num_sms)))
-
-
-def _num_sms(device: torch.device) -> int:
-    return sm_count(device) or 1  # the interpreter runs programs one after another: splitting never pays
+    return replace(cfg, gate_up=replace(cfg.gate_up, split_k=split_k(cfg.gate_up, row_blocks, I, H, num_sms)),
+                   down=replace(cfg.down, split_k=split_k(cfg.down, row_blocks, H, I, num_sms)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -575,8 +538,8 @@ def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_
     dev = hidden_states.device
     if quant is None:
         return select_config(T, top_k, E, H, two_i // 2, hidden_states.dtype,
-                             num_sms=_num_sms(dev), use_table=_use_table(dev))
-    cfg = select_config(T, top_k, E, H, two_i // 2, hidden_states.dtype, num_sms=_num_sms(dev), use_table=False)
+                             num_sms=num_sms(dev), use_table=_use_table(dev))
+    cfg = select_config(T, top_k, E, H, two_i // 2, hidden_states.dtype, num_sms=num_sms(dev), use_table=False)
     # K steps inside one scale group; INT4 steps at least 32 deep (two nibble-plane dots of 16)
     least = 32 if quant.code in (INT4_SYM.value, INT4_ASYM.value) else 16
     return replace(cfg, gate_up=replace(cfg.gate_up, block_k=max(least, min(cfg.gate_up.block_k, quant.group_k))),
@@ -751,7 +714,7 @@ def fused_moe_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, gate
 
     # The forward's tiles for these shapes (block_m, both GEMMs' N/K tiles); no split K: the
     # SwiGLU backward needs the whole K sum, and training batches fill the GPU anyway.
-    cfg = select_config(T, top_k, E, H, I, x.dtype, num_sms=_num_sms(dev), use_table=False)
+    cfg = select_config(T, top_k, E, H, I, x.dtype, num_sms=num_sms(dev), use_table=False)
     cfg = replace(cfg, block_m=max(16, min(cfg.block_m, 128)))
     meta = dispatch_metadata(topk_ids, E, cfg.block_m)
     ids = topk_ids.contiguous().view(-1)

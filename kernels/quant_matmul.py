@@ -27,10 +27,9 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .device import sm_count
-from .tiling import COMBINE_BLOCK_N, combine_splits_kernel, grouped_tile
 from .dequant import (FORMATS, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_MAX, INT4_ASYM, INT4_SYM, dequant_dot,
                       fp8_quantize_rows_kernel, rowwise_epilogue)
+from .gemm import COMBINE_BLOCK_N, GemmConfig, combine_splits_kernel, grouped_tile, num_sms, split_k
 
 MIN_FP8_SCALE = 1.0 / (FP8_MAX * 512.0)  # floor of an activation scale: an all-zero row stays finite
 _DECODE_MAX_M = 16
@@ -240,7 +239,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         precision = "tf32"  # unused by fp8 dots
     a_scale2d = a_scale if a_scale.dim() == 2 else a_scale[:, None]
     if config is None:
-        config = launch_config(M, N, K, code, group_size, _num_sms(x.device))
+        config = launch_config(M, N, K, code, group_size, num_sms(x.device))
     block_m, block_n, block_k, group_m, num_warps, num_stages, split = config
     dest = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     z = zero if zero is not None else qweight  # placeholder, never read
@@ -259,10 +258,6 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
             dest, out, out.stride(0), out.stride(1), N, dest.stride(0), split,
             ROWS=1, SWIGLU=False, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
     return out
-
-
-def _num_sms(device: torch.device) -> int:
-    return sm_count(device) or 1  # the interpreter runs programs one after another: splitting never pays
 
 
 class MatmulConfig(NamedTuple):
@@ -306,17 +301,15 @@ def launch_config(M: int, N: int, K: int, code: int, group_size: int, num_sms: i
     of one call.
 
     BLOCK_K divides the format's K group (int4: group_size; fp8_block: 128) so one K step has
-    one scale. Decode (M <= 16) splits K by the grouped MoE GEMM's model (moe._split_k: the
+    one scale. Decode (M <= 16) splits K by the grouped MoE GEMM's rule (gemm.split_k: the
     busiest SM's share of the work, at least 4 K steps per split), e.g. TP8's N = 1024 (16
     column tiles) 8 ways, N = 5120 (80 tiles) 3 ways on 132 SMs."""
     k_cap = group_size if code in (INT4_SYM.value, INT4_ASYM.value) else FP8_BLOCK_SIZE.value
     k_fit = max(16, triton.next_power_of_2(K))
     n_fit = max(16, triton.next_power_of_2(N))
     if M <= _DECODE_MAX_M:
-        from . import moe  # the split model lives with the grouped GEMM (moe imports this module)
-
         block_m, block_n, block_k, group_m, warps, stages = 16, min(64, n_fit), min(128, k_cap, k_fit), 1, 4, 4
-        split = moe._split_k(moe.GemmConfig(block_n, block_k, group_m, warps, stages), 1, N, K, num_sms)
+        split = split_k(GemmConfig(block_n, block_k, group_m, warps, stages), 1, N, K, num_sms)
         return MatmulConfig(block_m, block_n, block_k, group_m, warps, stages, split)
     block_m = 64 if M <= 64 else 128
     block_k = min(64 if code in (INT4_SYM.value, INT4_ASYM.value) else 128, k_cap, k_fit)

@@ -99,14 +99,14 @@ MUTANTS = [
            "top_w = top_w / tl.sum(top_w, axis=1)[:, None]", "top_w = top_w", ROUTING,
            "renormalize=True ignored: the k weights no longer sum to 1"),
     # -- MoE ---------------------------------------------------------------------------------------
-    Mutant("moe-combine-one-slot", "kernels/tiling.py",
+    Mutant("moe-combine-one-slot", "kernels/gemm.py",
            "for j in tl.static_range(ROWS):", "for j in tl.static_range(1):", MOE,
            "top_k > 1 combine sums only the first slot of each token"),
     Mutant("moe-direct-skip-rule", "kernels/moe.py",
            "(ids == expert) & (offs_r < pid_m)", "(ids == expert) & (offs_r != pid_m)", MOE,
            "direct (decode) path skips an expert when any other pair chose it, not only an earlier "
            "one: experts chosen twice are never computed"),
-    Mutant("moe-split-k-combine", "kernels/tiling.py",
+    Mutant("moe-split-k-combine", "kernels/gemm.py",
            "ptrs += split_stride", "ptrs += 0", MOE + ("tests/test_quant_matmul.py",),
            "split-K combine adds the first split num_splits times instead of every split once"),
     # -- attention ---------------------------------------------------------------------------------

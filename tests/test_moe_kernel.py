@@ -11,7 +11,8 @@ from helpers import TOL, assert_close, poisoned, rel_err
 from reference64 import moe64 as ref_moe
 
 from llama4_fast.kernels import fused_moe, moe
-from llama4_fast.kernels.moe import GemmConfig, MoeConfig
+from llama4_fast.kernels.gemm import GemmConfig
+from llama4_fast.kernels.moe import MoeConfig
 
 
 def make_inputs(T, E, H, I, top_k, dtype, device):

@@ -142,7 +142,7 @@ def test_config_override_is_validated():
 @pytest.mark.parametrize("kind,option", [("fp8", "channel"), ("fp8", "block"), ("int4", False)])
 def test_split_k_decode_path(device, monkeypatch, kind, option):
     """As on a 132-SM GPU: few column tiles, so K is split and the partials summed."""
-    monkeypatch.setattr(qm, "_num_sms", lambda dev: 132)
+    monkeypatch.setattr(qm, "num_sms", lambda dev: 132)
     M, K, N = 3, 1024, 40
     x = torch.randn(M, K, device=device).half()
     _, W = make_weight(kind, option, K, N, device)

@@ -14,7 +14,8 @@ from reference64 import quant_matmul64, quant_moe64
 
 from llama4_fast import ops, registry
 from llama4_fast.kernels import fused_moe, moe
-from llama4_fast.kernels.moe import GemmConfig, MoeConfig
+from llama4_fast.kernels.gemm import GemmConfig
+from llama4_fast.kernels.moe import MoeConfig
 from llama4_fast.quant import Fp8Weight, Int4Weight, expert_kernel_args
 
 FORMATS = [("fp8", "channel"), ("fp8", "tensor"), ("fp8", "block"), ("int4", True), ("int4", False)]
