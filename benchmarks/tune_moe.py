@@ -49,7 +49,7 @@ def graph_time(fn) -> float:
     return time_us(g.replay, warmup_ms=10, rep_ms=60)
 
 
-def run_case(shape: str, T: int, epilogue_modes) -> list[dict]:
+def run_case(shape: str, T: int) -> list[dict]:
     E, H, I = SHAPES[shape]
     gen = torch.Generator(device="cuda").manual_seed(T)
     w13 = torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(0.02)
@@ -72,20 +72,18 @@ def run_case(shape: str, T: int, epilogue_modes) -> list[dict]:
         candidates += [("no split", replace(base, gate_up=replace(base.gate_up, split_k=1),
                                             down=replace(base.down, split_k=1)))]
     rows = []
-    for epilogue in epilogue_modes:
-        moe.SCALE_IN_EPILOGUE = epilogue
-        for label, cfg in candidates:
-            out = torch.empty_like(x)
-            row = {"shape": shape, "T": T, "scale_in_epilogue": epilogue, "config": label}
-            try:
-                row["us"] = graph_time(lambda: moe._launch(x, w13, w2, weights, ids, True, out, cfg))
-                row["err"] = rel_err(out, torch_out if label == "default" else ref)
-                row["wrong"] = wrong_answer(row["err"])
-            except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
-            print(f"  {shape} T={T} epi={epilogue:d} {label}: {row.get('us', float('nan')):.1f} us "
-                  f"err {row.get('err', float('nan')):.1e} {row.get('error', '')}", flush=True)
+    for label, cfg in candidates:
+        out = torch.empty_like(x)
+        row = {"shape": shape, "T": T, "config": label}
+        try:
+            row["us"] = graph_time(lambda: moe._launch(x, w13, w2, weights, ids, True, out, cfg))
+            row["err"] = rel_err(out, torch_out if label == "default" else ref)
+            row["wrong"] = wrong_answer(row["err"])
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(f"  {shape} T={T} {label}: {row.get('us', float('nan')):.1f} us "
+              f"err {row.get('err', float('nan')):.1e} {row.get('error', '')}", flush=True)
     best = min((r for r in rows if "us" in r and not r.get("wrong")), key=lambda r: r["us"], default=None)
     if best:
         best["best"] = True
@@ -101,10 +99,9 @@ def main(argv=None):
         return 0
     rows = []
     for shape, T in CASES:
-        rows += run_case(shape, T, (False, True) if T >= 1024 else (True,))
+        rows += run_case(shape, T)
         torch.cuda.empty_cache()
-    cols = [("shape", "shape", ""), ("T", "T", ""), ("scale_in_epilogue", "scale in epilogue", ""),
-            ("config", "config", ""), ("us", "graph us", ".1f"), ("err", "err", ".1e"), ("best", "best", "")]
+    cols = [("shape", "shape", ""), ("T", "T", ""), ("config", "config", ""), ("us", "graph us", ".1f"), ("err", "err", ".1e"), ("best", "best", "")]
     print(markdown_table(rows, cols))
     found = verdict([(f"{r['shape']} T={r['T']} {r['config']}", r.get("wrong")) for r in rows], [])
     print(write_results("tune_moe", {"cases": rows, "verdict": found}))
