@@ -4,10 +4,11 @@ Plain torch tensors in and out (CUDA tensors, or CPU tensors under TRITON_INTERP
 shapes are documented on each launcher. This package knows nothing of models or registries.
 """
 
-from .attention import chunked_attention
+from .attention import chunked_attention, chunked_attention_backward
 from .moe import fused_moe
 from .prologue import qk_prologue
 from .quant_matmul import quant_matmul, quantize_fp8_activations
 from .routing import route
 
-__all__ = ["route", "fused_moe", "chunked_attention", "qk_prologue", "quant_matmul", "quantize_fp8_activations"]
+__all__ = ["route", "fused_moe", "chunked_attention", "chunked_attention_backward", "qk_prologue", "quant_matmul",
+           "quantize_fp8_activations"]

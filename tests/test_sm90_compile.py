@@ -1,17 +1,20 @@
-"""The quantized GEMMs compile for Hopper (sm90) with bf16 activations, on any machine.
+"""The quantized GEMMs and the attention backward compile for Hopper (sm90), on any machine.
 
 The interpreter runs these kernels in fp16/fp32 only, and this project's CI has no GPU: so the
 bf16 INT4 unpacking and the FP8 dots are compiled here for an sm90 target (Triton's bundled
 ptxas, no GPU needed; in a subprocess, as the test session runs Triton in interpreter mode)
 and the PTX is checked for Hopper's warpgroup MMA (wgmma) on tiled configs. Numerics of the
-bf16 path are covered by the GPU tests and by the nibble test below.
+bf16 path are covered by the GPU tests and by the nibble test below. The attention backward's
+16-bit launch configs (never measured on a GPU) are compiled the same way and must not spill.
 """
 
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -73,6 +76,66 @@ def test_quantized_kernels_compile_for_sm90_with_wgmma():
         assert r["e4m3"] == ("fp8" in name), f"{name}: e4m3 operands {'missing' if 'fp8' in name else 'unexpected'}"
 
 
+def _resource_usage(kernel) -> dict:
+    """Registers and stack bytes a thread (ptxas, read back with the wheel's cuobjdump)."""
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    fields = {"regs": "REG", "stack": "STACK"}
+    return {key: int(re.search(rf"{field}:(\d+)", usage).group(1)) for key, field in fields.items()}
+
+
+def compile_attention_backward() -> dict:
+    """{kernel/dtype/D: {"regs", "stack", "wgmma"}} for the dK/dV and dQ kernels with the
+    launcher's 16-bit configs, at Llama 4's layout (GQA group 5, chunked, per-sequence starts,
+    unit head-dim strides, 16-divisible pointers and strides as a launch specialises them)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attn = importlib.import_module("llama4_fast.kernels.attention")
+    out = {}
+    for head_dim in (64, 128):
+        for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            kv_cfg, q_cfg = attn._bwd_launch_config(head_dim, torch_dtype)
+            for fn, cfg in ((attn._attn_bwd_dkdv, kv_cfg), (attn._attn_bwd_dq, q_cfg)):
+                names = fn.arg_names
+                sig = {n: "*" + dtype if n in ("Q", "K", "V", "DO", "DQ", "DK", "DV") else "i32" for n in names}
+                sig.update(LSE="*fp32", Delta="*fp32", KVStart="*i64", qk_scale="fp32", scale="fp32")
+                const = dict(GROUP=5, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                             BLOCK_D=head_dim, CHUNKED=True, KV_START_TENSOR=True, INPUT_PRECISION="tf32")
+                const.update({n: 1 for n in names if n.startswith("stride_") and n.endswith("d")})
+                sig.update({n: "constexpr" for n in const})
+                div = [n for n, t in sig.items() if t.startswith("*") or (n.startswith("stride_") and t == "i32")]
+                attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div + ["chunk_size"]}
+                kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                usage = _resource_usage(kernel)
+                usage["wgmma"] = "wgmma.mma_async" in kernel.asm["ptx"]
+                out[f"{fn.__name__}/{dtype}/D{head_dim}"] = usage
+    return out
+
+
+def test_attention_backward_compiles_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, __file__, "attention_backward"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    if run.returncode != 0 and ("ptxas" in run.stderr or "cuobjdump" in run.stderr):
+        pytest.skip(f"this triton cannot compile for sm90 here: {run.stderr[-300:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == 8
+    for name, r in results.items():
+        assert r["stack"] == 0, f"{name}: register spills ({r})"
+        assert r["wgmma"], f"{name}: no wgmma in the sm90 PTX"
+
+
 @pytest.mark.parametrize("dtype,bits,magic", [(torch.float16, 0x6400, 1024.0), (torch.bfloat16, 0x4300, 128.0),
                                               (torch.float32, 0x4B000000, 2.0 ** 23)])
 def test_nibble_exponent_trick_is_exact(dtype, bits, magic):
@@ -84,4 +147,4 @@ def test_nibble_exponent_trick_is_exact(dtype, bits, magic):
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    print(json.dumps(compile_attention_backward() if sys.argv[1:] == ["attention_backward"] else compile_all()))
