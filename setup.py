@@ -16,7 +16,7 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.3", "safetensors", "numpy"],
     extras_require={
         "hf": ["transformers>=4.57"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.57", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=4.57", "accelerate", "peft"],
         "bench": ["pytest-benchmark", "matplotlib", "transformers>=4.57"],
     },
     entry_points={"console_scripts": ["llama4-fast=llama4_fast.cli:main"]},

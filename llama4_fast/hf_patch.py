@@ -120,11 +120,21 @@ def _routed_experts(experts, x, weights, ids):
     return hook.post_forward(experts, _local_fused_moe(experts, *args))
 
 
+def _autocast(x, *weights):
+    """Under torch.autocast the unpatched experts' bmm runs in the autocast dtype: cast x and
+    the full-precision weights alike (differentiable casts; quantized weights stay as they are)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x, *weights)
+    dtype = torch.get_autocast_dtype(device)
+    return (x.to(dtype), *(w.to(dtype) if isinstance(w, torch.Tensor) else w for w in weights))
+
+
 def _local_fused_moe(experts, x, weights, ids):
     # transformers' fbgemm_fp8 experts carry Fp8Weight views set at patch time
     gate_up, down = getattr(experts, _FP8_WEIGHTS, None) or (experts.gate_up_proj, experts.down_proj)
     if not _is_dtensor(down):
-        return ops.fused_moe(x, gate_up, down, weights, ids)
+        return ops.fused_moe(*_autocast(x, gate_up, down), weights, ids)
     placements = tuple(down.placements)
     if all(p.is_replicate() for p in placements):
         group = None

@@ -225,6 +225,52 @@ _fused_moe_train.register_autograd(_fused_moe_grads, setup_context=_fused_moe_se
 _fused_moe_train_quant.register_autograd(_fused_moe_grads, setup_context=_fused_moe_setup)
 
 
+@torch.library.custom_op("llama4_fast::attention_train", mutates_args=())
+def _attention_train(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int | None,
+                     scale: float | None, kv_start_int: int,
+                     kv_start_tensor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    kv_start = kv_start_int if kv_start_tensor is None else kv_start_tensor
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    out = kernels.chunked_attention(q, k, v, chunk_size=chunk_size, scale=scale, kv_start=kv_start, lse=lse)
+    return out, lse
+
+
+@_attention_train.register_fake
+def _(q, k, v, chunk_size, scale, kv_start_int, kv_start_tensor):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("llama4_fast::attention_backward", mutates_args=())
+def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, chunk_size: int | None, scale: float | None,
+                        kv_start_int: int,
+                        kv_start_tensor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kv_start = kv_start_int if kv_start_tensor is None else kv_start_tensor
+    return kernels.chunked_attention_backward(grad_out, q, k, v, out, lse, chunk_size=chunk_size, scale=scale,
+                                              kv_start=kv_start)
+
+
+@_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, chunk_size, scale, kv_start_int, kv_start_tensor):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, chunk_size, scale, kv_start_int, kv_start_tensor = inputs
+    ctx.args = (chunk_size, scale, kv_start_int)
+    ctx.save_for_backward(q, k, v, *output, kv_start_tensor)
+
+
+def _attention_grads(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, kv_start_tensor = ctx.saved_tensors
+    chunk_size, scale, kv_start_int = ctx.args
+    dq, dk, dv = _attention_backward(grad_out, q, k, v, out, lse, chunk_size, scale, kv_start_int, kv_start_tensor)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_train.register_autograd(_attention_grads, setup_context=_attention_setup)
+
+
 def _quant_linear_setup(ctx, inputs, output):
     x, qweight, scale, zero, weight_format, group_size, act_scale_ub = inputs
     ctx.format = (weight_format, group_size, act_scale_ub)
@@ -272,6 +318,12 @@ def quant_linear(x, weight):
 
 
 def attention(q, k, v, *, chunk_size=None, scale=None, kv_start=0, kv_len=None):
+    if _needs_grad(q, k, v):
+        if kv_len is not None:
+            raise NotImplementedError("attention with kv_len (a static KV cache) has no backward; train without "
+                                      "a static cache (transformers: use_cache=False or the dynamic cache)")
+        kv_int, kv_tensor = (0, kv_start) if isinstance(kv_start, torch.Tensor) else (kv_start, None)
+        return _attention_train(q, k, v, chunk_size, scale, kv_int, kv_tensor)[0]
     if isinstance(kv_start, torch.Tensor):
         return _attention(q, k, v, chunk_size, scale, 0, kv_start, kv_len)
     return _attention(q, k, v, chunk_size, scale, kv_start, None, kv_len)
