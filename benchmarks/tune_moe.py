@@ -101,7 +101,8 @@ def main(argv=None):
     for shape, T in CASES:
         rows += run_case(shape, T)
         torch.cuda.empty_cache()
-    cols = [("shape", "shape", ""), ("T", "T", ""), ("config", "config", ""), ("us", "graph us", ".1f"), ("err", "err", ".1e"), ("best", "best", "")]
+    cols = [("shape", "shape", ""), ("T", "T", ""), ("config", "config", ""), ("us", "graph us", ".1f"),
+            ("err", "err", ".1e"), ("best", "best", "")]
     print(markdown_table(rows, cols))
     found = verdict([(f"{r['shape']} T={r['T']} {r['config']}", r.get("wrong")) for r in rows], [])
     print(write_results("tune_moe", {"cases": rows, "verdict": found}))
