@@ -65,6 +65,8 @@ MOE = ("tests/test_moe_kernel.py",)
 QUANT = ("tests/test_quant_matmul.py", "tests/test_quant_moe.py")
 ATTENTION = ("tests/test_attention_kernel.py",)
 PROLOGUE = ("tests/test_qk_prologue.py",)
+MOE_BACKWARD = ("tests/test_moe_backward.py",)
+ATTENTION_BACKWARD = ("tests/test_attention_backward.py",)
 
 MUTANTS = [
     # -- the five of issue 17 ------------------------------------------------------------------
@@ -109,6 +111,25 @@ MUTANTS = [
     Mutant("moe-split-k-combine", "kernels/gemm.py",
            "ptrs += split_stride", "ptrs += 0", MOE + ("tests/test_quant_matmul.py",),
            "split-K combine adds the first split num_splits times instead of every split once"),
+    # -- MoE backward -------------------------------------------------------------------------------
+    Mutant("moe-bwd-silu-derivative", "kernels/moe.py",
+           "d_g = d_out_h * u * sig * (1.0 + g * (1.0 - sig))", "d_g = d_out_h * u * sig", MOE_BACKWARD,
+           "SwiGLU backward takes sigmoid(g) for silu'(g): gate gradients wrong wherever g is not ~0"),
+    Mutant("moe-bwd-router-weight-output", "kernels/moe.py",
+           "d_w = tl.sum(d_h * h, axis=1)", "d_w = tl.sum(d_out_h * h, axis=1)", MOE_BACKWARD,
+           "router weight on the output: its gradient picks up an extra factor w"),
+    Mutant("moe-bwd-wgrad-row-of-pair", "kernels/moe.py",
+           "a = tl.load(a_ptr + (pairs // A_ROW_DIV)[:, None] * stride_am",
+           "a = tl.load(a_ptr + pairs[:, None] * stride_am", MOE_BACKWARD,
+           "gate_up weight gradient reads x by pair instead of by token: wrong rows for top_k > 1"),
+    # -- attention backward ----------------------------------------------------------------------------
+    Mutant("attention-bwd-delta", "kernels/attention.py",
+           "ds_t = tl.where(visible, p_t * (dp_t - delta[None, :]), 0.0)",
+           "ds_t = tl.where(visible, p_t * dp_t, 0.0)", ATTENTION_BACKWARD,
+           "dK without the softmax's row term delta = rowsum(dO * O)"),
+    Mutant("attention-bwd-gqa-heads", "kernels/attention.py",
+           "for t in range(0, GROUP * m_tiles):", "for t in range(0, m_tiles):", ATTENTION_BACKWARD,
+           "dK/dV sum only the first query head of each GQA group"),
     # -- attention ---------------------------------------------------------------------------------
     Mutant("attention-split-merge", "kernels/attention.py",
            'w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))',

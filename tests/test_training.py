@@ -165,3 +165,38 @@ def test_thin_model_trains_on_the_triton_kernels():
     got = thin_grads()
     assert len(ref) == len(list(thin.parameters()))
     assert_same_grads(got, ref)
+
+
+def test_qlora_on_quantized_experts():
+    """QLoRA: INT4 experts (frozen) under LoRA adapters on the attention projections. The
+    adapters' gradients flow back through the quantized experts' backward; they equal those of
+    the same model with the experts dequantized to dense weights, through the Triton kernels."""
+    peft = pytest.importorskip("peft")
+    from llama4_fast.quant_model import quantize
+
+    base = tiny_hf_model(seed=37, device=DEVICE, **dict(NARROW, intermediate_size=64))  # K % 32 == 0
+    quantized = quantize(llama4_fast.patch(copy.deepcopy(base)), "int4", group_size=32)
+    dense = copy.deepcopy(base)  # the same experts, dequantized: what the INT4 model computes
+    layers = 0
+    for layer_q, layer_d in zip(quantized.model.layers, dense.model.layers):
+        experts = getattr(layer_q.feed_forward, "experts", None)
+        if experts is not None:
+            layers += 1
+            for name in ("gate_up_proj", "down_proj"):  # the format objects the kernels read
+                getattr(layer_d.feed_forward.experts, name).data.copy_(getattr(experts, name).dequantize())
+    assert layers
+    dense = llama4_fast.patch(dense)
+    data = batch(S=16)
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def adapter_grads(model):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(model, peft.LoraConfig(**lora))
+        _, g = grads(model, data)
+        assert g and all("lora_" in n for n in g)
+        return {n.replace("base_model.model.", ""): v for n, v in g.items()}
+
+    with registry.record() as calls:
+        got = adapter_grads(quantized)
+    assert calls[("fused_moe", "triton")] > 0
+    assert_same_grads(got, adapter_grads(dense), tol=1e-4)
