@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table  # noqa: E402
 
 from llama4_fast.quant import effective_activations  # noqa: E402
-from llama4_fast.quant_model import quantize_weight  # noqa: E402
+from llama4_fast.quant import quantize_weight  # noqa: E402
 
 SCHEMES = [("fp8", 128), ("fp8_tensor", 128), ("fp8_block", 128), ("int4", 128), ("int4", 64), ("int4", 32),
            ("int4_asym", 128)]

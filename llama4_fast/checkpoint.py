@@ -1,4 +1,7 @@
-"""Weights for the thin model: from safetensors directories or a loaded transformers model.
+"""Reading Llama 4 checkpoints: which files, which tensors (names, shapes, dtypes from the
+headers alone), the tensors themselves one at a time, and quantized checkpoints' tensors as
+format objects (llama4_fast.quant). Nothing here knows the model classes: llama4_fast.loading
+puts what this module reads into a model.
 
 Names are returned in the thin model's convention, which is transformers' Llama4TextModel
 naming without the wrapper prefixes: `model.layers.0...` (Llama4ForCausalLM) and
@@ -6,7 +9,7 @@ naming without the wrapper prefixes: `model.layers.0...` (Llama4ForCausalLM) and
 `lm_head.weight` keeps its name. Vision-tower and projector weights are skipped.
 
 Quantized checkpoints (config.json `quantization_config`) are read with their weights as
-stored, no requantization (`quantized_modules`):
+stored, no requantization (`quantized_weights`):
 - fbgemm_fp8 (Maverick FP8): e4m3 `<linear>.weight` [N, K] + `weight_scale` [N, 1]; experts
   `gate_up_proj` [E, H, 2I] + `gate_up_proj_scale` [E, 1, 2I], `down_proj` [E, I, H] +
   `down_proj_scale` [E, H, 1]; activations per token with amax <= `activation_scale_ub`.
@@ -26,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from llama4_fast.config import MODEL_DTYPES, Llama4Config, read_config_json, read_json_object, rope_inv_freq
+from llama4_fast.config import read_config_json, read_json_object
+from llama4_fast.quant import Fp8Weight
 
 logger = logging.getLogger("llama4_fast")
 
@@ -180,24 +184,37 @@ def meta_tensors(stored: dict[str, StoredTensor]) -> dict[str, torch.Tensor]:
     return {name: torch.empty(t.shape, dtype=t.dtype, device="meta") for name, t in stored.items()}
 
 
-def load_tensors(stored: dict[str, StoredTensor], *, dtype: torch.dtype | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The stored tensors read one at a time onto `device`, floating ones (not float8, not
-    scales) cast to `dtype` if given, so peak memory is the model plus one tensor."""
-    from safetensors import safe_open
+def iter_tensors(stored: dict[str, StoredTensor], *, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu"):
+    """Yield (name, tensor) for the stored tensors, read one at a time (memory-mapped, file by
+    file) onto `device`, floating ones (not float8, not scales) cast to `dtype` if given. The
+    caller holds what it keeps; this holds one tensor. A file that fails to read (truncated,
+    replaced, gone since its header was read) raises ValueError naming it and the tensor."""
+    from safetensors import SafetensorError, safe_open
 
-    tensors = {}
     by_file: dict[Path, list[str]] = {}
     for name, t in stored.items():
         by_file.setdefault(t.file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for name in names:
-                t = f.get_tensor(stored[name].key)
-                if dtype is not None and t.dtype in _CASTABLE and t.dtype != dtype and not _is_scale(name):
-                    t = t.to(dtype)
-                tensors[name] = t
-    return tensors
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for name in names:
+                    t = f.get_tensor(stored[name].key)
+                    if tuple(t.shape) != stored[name].shape or t.dtype != stored[name].dtype:
+                        raise ValueError(f"{file}: {stored[name].key} changed since its header was read")
+                    if dtype is not None and t.dtype in _CASTABLE and t.dtype != dtype and not _is_scale(name):
+                        t = t.to(dtype)
+                    yield name, t
+                    del t
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file} could not be read ({type(e).__name__}: {e}); the load was abandoned "
+                             "and nothing of it is kept") from None
+
+
+def load_tensors(stored: dict[str, StoredTensor], *, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every stored tensor (`iter_tensors`) in one dict: peak memory is the model plus one tensor."""
+    return dict(iter_tensors(stored, dtype=dtype, device=device))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,12 +271,11 @@ def _fp8_scale(scale: torch.Tensor, lead: tuple[int, ...], n: int, name: str) ->
     return scale.float().reshape(*lead, n), "channel"
 
 
-def quantized_modules(params: dict[str, torch.Tensor], qcfg: dict) -> dict[str, torch.nn.Module]:
-    """Pop the quantized tensors out of `params` (thin-model names) and return them as
-    {module name: QuantLinear | QuantExperts}, in the checkpoint's own layout and scales.
-    Runs on meta tensors too (`meta_tensors`), which is how a load checks them first."""
-    from llama4_fast.quant import Fp8Weight
-    from llama4_fast.quant_model import QuantExperts, QuantLinear
+def quantized_weights(params: dict[str, torch.Tensor], qcfg: dict) -> dict[str, object]:
+    """Pop the quantized tensors out of `params` (thin-model names) and return them as format
+    objects in the checkpoint's own layout and scales, by module name: an Fp8Weight [K, N] for
+    a linear, a (gate_up_proj, down_proj) pair of Fp8Weights for routed experts. Runs on meta
+    tensors too (`meta_tensors`), which is how a load checks them first."""
 
     ub = qcfg.get("activation_scale_ub") if qcfg["quant_method"] == "fbgemm_fp8" else None
 
@@ -289,11 +305,11 @@ def quantized_modules(params: dict[str, torch.Tensor], qcfg: dict) -> dict[str, 
         if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():  # experts.<e>.<proj>
             unrolled.setdefault(".".join(parts[:-2]), {}).setdefault(int(parts[-2]), {})[parts[-1]] = (q, scale)
             continue
-        modules[module] = QuantLinear(fp8(q.t(), scale, q.shape[0], module + ".weight_scale"))
+        modules[module] = fp8(q.t(), scale, q.shape[0], module + ".weight_scale")
     for module, weights in stacked.items():
         if set(weights) != {"gate_up_proj", "down_proj"}:
             raise ValueError(f"{module}: float8 experts need both gate_up_proj and down_proj, got {sorted(weights)}")
-        modules[module] = QuantExperts(weights["gate_up_proj"], weights["down_proj"])
+        modules[module] = (weights["gate_up_proj"], weights["down_proj"])
     for module, experts in unrolled.items():
         modules[module] = _stack_unrolled(module, experts, ub)
     return modules
@@ -301,9 +317,7 @@ def quantized_modules(params: dict[str, torch.Tensor], qcfg: dict) -> dict[str, 
 
 def _stack_unrolled(module: str, experts: dict[int, dict[str, tuple]], ub):
     """compressed-tensors' per-expert linears `experts.<e>.{gate,up,down}_proj` ([I, H], [I, H],
-    [H, I] e4m3 + per-row or per-tensor scales) stacked into one QuantExperts."""
-    from llama4_fast.quant import Fp8Weight
-    from llama4_fast.quant_model import QuantExperts
+    [H, I] e4m3 + per-row or per-tensor scales) stacked into one (gate_up_proj, down_proj) pair."""
 
     E = len(experts)
     if sorted(experts) != list(range(E)) or any(set(v) != {"gate_proj", "up_proj", "down_proj"}
@@ -329,123 +343,5 @@ def _stack_unrolled(module: str, experts: dict[int, dict[str, tuple]], ub):
     gu_s = torch.stack([torch.cat([rows(e, "gate_proj")[1], rows(e, "up_proj")[1]]) for e in range(E)])
     down = torch.stack([rows(e, "down_proj")[0] for e in range(E)])
     down_s = torch.stack([rows(e, "down_proj")[1] for e in range(E)])
-    return QuantExperts(Fp8Weight(gu.transpose(1, 2), gu_s, "channel", ub),
-                        Fp8Weight(down.transpose(1, 2), down_s.contiguous(), "channel", ub))
-
-
-# ----------------------------------------------------------------------------------------------
-# building the thin model
-# ----------------------------------------------------------------------------------------------
-
-def model_dtype(dtype, cfg) -> torch.dtype:
-    """The dtype a load computes in: `dtype` (a torch dtype or its name) or config.json's."""
-    if dtype is None:
-        return cfg.dtype()
-    dtype = MODEL_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if dtype not in MODEL_DTYPES.values():
-        raise TypeError(f"dtype must be None, torch.float16, torch.bfloat16 or torch.float32 (or their names), "
-                        f"got {dtype!r}")
-    return dtype
-
-
-def check_checkpoint(path: str | Path):
-    """Check a checkpoint directory without reading any weight: the config
-    (`Llama4Config.from_hf`), the files (`safetensors_files`), the tensor names
-    (`stored_tensors`), then the whole load on meta tensors (shapes against the config,
-    dtypes, quantized layouts). Returns (config, quantization_config or None, stored tensors).
-    `load_pretrained` and the command line run it first."""
-    path = checkpoint_dir(path)
-    cfg = Llama4Config.from_hf(path)
-    qcfg = quantization_config(path)
-    stored = stored_tensors(path)
-    dry = meta_tensors(stored)
-    build_model(cfg, dry, quantized_modules(dry, qcfg) if qcfg else {}, str(path), _origin(stored))
-    return cfg, qcfg, stored
-
-
-def _origin(stored: dict[str, StoredTensor]) -> dict[str, str]:
-    return {name: t.file.name for name, t in stored.items()}
-
-
-def load_pretrained(path: str | Path, *, dtype=None, device: str | torch.device = "cpu"):
-    """`Llama4.from_pretrained`: config.json and the safetensors files of a directory, read
-    only after `check_checkpoint` passed."""
-    cfg, qcfg, stored = check_checkpoint(path)
-    dtype = model_dtype(dtype, cfg)
-    params = load_tensors(stored, dtype=dtype, device=torch.device(device))
-    return build_model(cfg, params, quantized_modules(params, qcfg) if qcfg else {}, str(path), _origin(stored))
-
-
-def from_hf_model(hf_model):
-    """`Llama4.from_hf`: the thin model sharing a loaded transformers Llama 4's parameters."""
-    cfg = Llama4Config.from_hf(hf_model.config)
-    params = language_model_parameters(hf_model)
-    if "lm_head.weight" not in params and not cfg.tie_word_embeddings:
-        raise ValueError(f"{type(hf_model).__name__} has no lm_head: pass the Llama4ForCausalLM or "
-                         "Llama4ForConditionalGeneration that holds it")
-    return build_model(cfg, params, {}, type(hf_model).__name__)
-
-
-def build_model(cfg, params: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], source: str,
-                origin: dict[str, str] | None = None):
-    """The thin model with `params` (thin-model names) as its parameters, after `modules`
-    (quantized ones, by module name) replace its own. Everything is checked against the model
-    the config describes (built on the meta device) before it is used: names, shapes, dtypes
-    (floating; float8 only inside quantized modules). Errors list the first mismatches with
-    the file each tensor came from (`origin`)."""
-    from llama4_fast.model import Llama4
-    from llama4_fast.quant_model import logical_shape
-
-    with torch.device("meta"):
-        model = Llama4(cfg)
-    where = origin or {}
-
-    def at(name):
-        return f"{name} ({where[name]})" if name in where else name
-
-    problems = []
-    for name, module in modules.items():
-        parent, _, attr = name.rpartition(".")
-        own = getattr(model.get_submodule(parent), attr, None) if _has_module(model, parent) else None
-        if not isinstance(own, torch.nn.Module):
-            problems.append(f"quantized weights for {name}, which the model does not have")
-            continue
-        got, want = logical_shape(module), logical_shape(own)
-        if got != want:
-            problems.append(f"{name} holds {got}, the config implies {want}")
-            continue
-        setattr(model.get_submodule(parent), attr, module)
-    if "lm_head.weight" not in params and cfg.tie_word_embeddings and "embed_tokens.weight" in params:
-        params["lm_head.weight"] = params["embed_tokens.weight"]
-    expected = dict(model.named_parameters())
-    missing = sorted(expected.keys() - params.keys())
-    unexpected = sorted(params.keys() - expected.keys())
-    if missing:
-        problems.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected {[at(n) for n in unexpected[:8]]}{' ...' if len(unexpected) > 8 else ''}")
-    for name in sorted(expected.keys() & params.keys()):
-        t = params[name]
-        if tuple(t.shape) != tuple(expected[name].shape):
-            problems.append(f"{at(name)} is {list(t.shape)}, the config implies {list(expected[name].shape)}")
-        elif t.dtype not in _CASTABLE:
-            problems.append(f"{at(name)} is {str(t.dtype).replace('torch.', '')}: an unquantized weight must be "
-                            "float16/bfloat16/float32" + (" (float8 weights need a quantization_config)"
-                                                          if t.dtype == torch.float8_e4m3fn else ""))
-    if problems:
-        raise ValueError(f"weights from {source} do not match the config: " + "; ".join(problems[:8])
-                         + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
-    for name, tensor in params.items():
-        module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr,
-                tensor if isinstance(tensor, torch.nn.Parameter) else torch.nn.Parameter(tensor, requires_grad=False))
-    model.inv_freq = rope_inv_freq(cfg).to(params["embed_tokens.weight"].device)
-    return model.eval()
-
-
-def _has_module(model, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-        return True
-    except AttributeError:
-        return False
+    return (Fp8Weight(gu.transpose(1, 2), gu_s, "channel", ub),
+            Fp8Weight(down.transpose(1, 2), down_s.contiguous(), "channel", ub))

@@ -14,7 +14,7 @@ import time
 import torch
 
 from llama4_fast import Llama4, hf_patch, registry
-from llama4_fast.checkpoint import check_checkpoint
+from llama4_fast.loading import check_checkpoint
 
 DEFAULT_PROMPT = "The three ways to use a kernel library are"
 
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
             d.error(f"{option} must be >= 1, got {value}")
     if args.model is not None:
         try:  # the checks Llama4.from_pretrained makes, before transformers reads anything
-            check_checkpoint(args.model)
+            check_checkpoint(Llama4, args.model)
         except (OSError, ValueError) as e:
             d.error(f"--model: {e}")
     return demo(args)

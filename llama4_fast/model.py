@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama4_fast import ops
+from llama4_fast import loading, ops
 from llama4_fast.config import Llama4Config, rope_inv_freq
 
 logger = logging.getLogger("llama4_fast")
@@ -451,26 +451,26 @@ class Llama4(nn.Module):
                 n = int(finished.int().argmax()) + 1
         return torch.cat([prompt, new[:, :n]], dim=1)
 
-    # -- construction (llama4_fast.checkpoint) ------------------------------------------------
+    # -- construction (llama4_fast.loading) ---------------------------------------------------
     @classmethod
     def from_hf(cls, hf_model) -> "Llama4":
         """Build from a loaded transformers Llama4ForCausalLM / Llama4ForConditionalGeneration
         (or a Llama4TextModel whose config ties the embeddings), sharing its parameters (no copy)."""
-        from llama4_fast.checkpoint import from_hf_model
-
-        return from_hf_model(hf_model)
+        return loading.from_hf_model(cls, hf_model)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu") -> "Llama4":
+                        device: str | torch.device = "cpu", quantize: str | None = None,
+                        group_size: int = 128) -> "Llama4":
         """Load config.json + safetensors (model.safetensors, or the shards an index names) from a
         directory, also the language-model half of a multimodal checkpoint; dtype defaults to
         config.json's. FP8 checkpoints (fbgemm_fp8, compressed-tensors FP8-dynamic) load as
-        stored. Everything is checked against the config before any weight is read: see
-        llama4_fast.checkpoint.load_pretrained."""
-        from llama4_fast.checkpoint import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
+        stored. `quantize` ("int4", "fp8", ...: llama4_fast.quant.SCHEMES; group_size for INT4)
+        quantizes the routed experts on `device` while they stream in: the full-precision model
+        is never held anywhere. Everything is checked against the config before any weight is
+        read: see llama4_fast.loading."""
+        return loading.load_pretrained(cls, path, dtype=dtype, device=device, quantize=quantize,
+                                       group_size=group_size)
 
 
 class DecodeStep:

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from llama4_fast import ops
 from llama4_fast.model import Experts, Llama4, MoE
-from llama4_fast.quant_model import QuantExperts
+from llama4_fast.quant_modules import QuantExperts
 from llama4_fast.transaction import all_or_nothing
 
 # What must agree across ranks before sharding; checked with one all_gather.

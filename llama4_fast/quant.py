@@ -185,17 +185,19 @@ class Int4Weight:
             scale_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float32
         g = w.detach().float().reshape(*lead, K // group_size, group_size, N)
         tiny = torch.finfo(torch.float32).tiny
+        # In place after the one division: a load that quantizes while streaming holds the
+        # fp32 copy and one temporary of one expert, not four.
         if symmetric:
             scale = (g.abs().amax(dim=-2) / 7.0).clamp(min=tiny).to(scale_dtype)
             s = scale.float().unsqueeze(-2)
-            u = (torch.round(g / s).clamp(-8, 7) + 8).reshape(*lead, K, N)
+            u = torch.div(g, s).round_().clamp_(-8, 7).add_(8).reshape(*lead, K, N)
             zero = None
         else:
             lo, hi = g.amin(dim=-2).clamp(max=0), g.amax(dim=-2).clamp(min=0)
             scale = ((hi - lo) / 15.0).clamp(min=tiny).to(scale_dtype)
             s = scale.float()
             zero = torch.round(-lo / s).clamp(0, 15)
-            u = (torch.round(g / s.unsqueeze(-2)) + zero.unsqueeze(-2)).clamp(0, 15).reshape(*lead, K, N)
+            u = torch.div(g, s.unsqueeze(-2)).round_().add_(zero.unsqueeze(-2)).clamp_(0, 15).reshape(*lead, K, N)
             zero = zero.to(torch.uint8)
         return cls(pack_int4(u), scale, zero, group_size)
 
@@ -328,3 +330,38 @@ def fused_moe_ref(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids
             y = y * w
         out.index_add_(0, rows, y)
     return out.to(hidden_states.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# quantizing a weight
+# ----------------------------------------------------------------------------------------------
+
+SCHEMES = ("fp8", "fp8_tensor", "fp8_block", "int4", "int4_asym")
+_FP8_GRANULARITY = {"fp8": "channel", "fp8_tensor": "tensor", "fp8_block": "block"}
+
+
+def quantize_weight(w: torch.Tensor, scheme: str, group_size: int = 128, act_scale_ub: float | None = None,
+                    *, name: str = "weight"):
+    """One weight [*lead, K, N] in `scheme`; a leading expert dimension is done one expert at
+    a time (the fp32 working copy is one expert, not all of them). A weight holding NaN or inf
+    is refused (ValueError naming `name`): its scale would spread the NaN over a whole
+    channel, group or block, far more of the model than the original weight touched."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+
+    def one(x):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} holds NaN or inf values: quantize a model with finite weights")
+        if scheme.startswith("fp8"):
+            return Fp8Weight.quantize(x, _FP8_GRANULARITY[scheme], act_scale_ub)
+        return Int4Weight.quantize(x, group_size, symmetric=scheme == "int4")
+
+    if w.dim() == 2:
+        return one(w)
+    parts = [one(w[e]) for e in range(w.shape[0])]
+    if scheme.startswith("fp8"):
+        # keep each expert K-contiguous: stack the [N, K] storages, view back as [E, K, N]
+        q = torch.stack([p.qweight.transpose(-1, -2) for p in parts]).transpose(-1, -2)
+        return Fp8Weight(q, torch.stack([p.scale for p in parts]), parts[0].granularity, act_scale_ub)
+    zero = None if parts[0].zero is None else torch.stack([p.zero for p in parts])
+    return Int4Weight(torch.stack([p.packed for p in parts]), torch.stack([p.scale for p in parts]), zero, group_size)

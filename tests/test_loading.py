@@ -3,7 +3,7 @@
 Each case starts from a good tiny checkpoint written by transformers and breaks one thing: a
 tensor's shape, dtype or name, a stray or missing file, the index, config.json. The load must
 fail with an error naming the file and the tensor or field (never load and give other logits),
-and it must fail from the file headers alone (`load_tensors`, the only reader of tensor data,
+and it must fail from the file headers alone (`iter_tensors`, the only reader of tensor data,
 is made to explode).
 """
 
@@ -42,7 +42,7 @@ def no_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("tensor data was read before the checkpoint was validated")
 
-    monkeypatch.setattr(checkpoint, "load_tensors", refuse)
+    monkeypatch.setattr(checkpoint, "iter_tensors", refuse)
 
 
 def edit_weights(path, fn, file="model.safetensors"):

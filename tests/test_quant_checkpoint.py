@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import llama4_fast
 from llama4_fast import Llama4
 from llama4_fast.quant import Fp8Weight
-from llama4_fast.quant_model import QuantExperts, QuantLinear
+from llama4_fast.quant_modules import QuantExperts, QuantLinear
 from llama4_fast.tiny import tiny_hf_model
 
 pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import torch
 
 import llama4_fast
 from llama4_fast import Llama4, hf_patch, registry
-from llama4_fast.quant_model import QuantExperts, QuantLinear
+from llama4_fast.quant_modules import QuantExperts, QuantLinear
 from llama4_fast.tiny import tiny_hf_model
 
 pytest.importorskip("transformers")
