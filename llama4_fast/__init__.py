@@ -11,9 +11,10 @@ patch for Hugging Face transformers' Llama 4.
 from llama4_fast import ops, registry
 from llama4_fast.config import Llama4Config
 from llama4_fast.hf_patch import patch, patch_llama4, unpatch, unpatch_llama4
+from llama4_fast.planning import memory_plan
 from llama4_fast.model import Llama4
 from llama4_fast.quant_model import load_quantized, quantize, save_quantized
 
 __version__ = "0.1.0"
 __all__ = ["ops", "registry", "patch", "unpatch", "patch_llama4", "unpatch_llama4", "Llama4", "Llama4Config",
-           "quantize", "save_quantized", "load_quantized"]
+           "quantize", "save_quantized", "load_quantized", "memory_plan"]

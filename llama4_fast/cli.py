@@ -3,6 +3,8 @@
     llama4-fast demo                      # built-in tiny random Llama 4, no download
     llama4-fast demo --model DIR          # a real checkpoint directory (config.json + safetensors)
     llama4-fast demo --device cuda
+    llama4-fast plan scout --weights int4 --context 32768     # will it fit? memory per GPU
+    llama4-fast plan DIR --weights fp8 --gpus 8 --gpu-gib 80   # a checkpoint's config.json
 """
 
 from __future__ import annotations
@@ -141,7 +143,10 @@ def main(argv=None) -> int:
     d.add_argument("--prompt", default=None,
                    help=f"prompt text for a checkpoint with a tokenizer (default: {DEFAULT_PROMPT!r})")
     d.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default: %(default)s)")
+    p = _add_plan_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return plan(args, p)
     for option, value in (("--new-tokens", args.new_tokens), ("--prompt-len", args.prompt_len)):
         if value < 1:
             d.error(f"{option} must be >= 1, got {value}")
@@ -151,6 +156,70 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:
             d.error(f"--model: {e}")
     return demo(args)
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _add_plan_parser(sub):
+    from llama4_fast.planning import DEFAULT_GPU_GIB, PRESETS, WEIGHT_SCHEMES, WORKSPACE_GIB
+
+    p = sub.add_parser("plan", help="memory per GPU for a model, weight scheme, batch and context: will it fit?",
+                       description="Print the memory per GPU of a Llama 4 served by the thin model (weights by "
+                                   "part, KV cache, prefill activations, workspace), whether it fits, and the "
+                                   "largest context that does at this batch. Computed from the config, nothing "
+                                   "loaded (llama4_fast.memory_plan; llama4_fast/planning.py states every formula).")
+    p.add_argument("model", metavar="MODEL",
+                   help=f"a preset ({', '.join(PRESETS)}: the published configs) or a checkpoint directory "
+                        "holding config.json")
+    p.add_argument("--weights", default="bf16", choices=WEIGHT_SCHEMES,
+                   help="weight scheme of the routed experts, as llama4_fast.quantize (default: %(default)s)")
+    p.add_argument("--group-size", type=_positive(int), default=128,
+                   help="INT4 rows of K per scale (default: %(default)s)")
+    for part, what in (("shared-expert", "the shared experts"), ("dense-ffn", "the dense FFN layers"),
+                       ("attention", "the attention projections")):
+        p.add_argument(f"--{part}", action="store_true", help=f"quantize {what} too (quantize's option)")
+    p.add_argument("--batch", type=_positive(int), default=1, help="sequences per GPU (default: %(default)s)")
+    p.add_argument("--context", type=_positive(int), default=8192,
+                   help="cache length: prompt + new tokens (default: %(default)s)")
+    p.add_argument("--gpus", type=_positive(int), default=1,
+                   help="GPUs; more than one: expert parallel, which must divide the experts (default: %(default)s)")
+    p.add_argument("--gpu-gib", type=_positive(float), default=DEFAULT_GPU_GIB,
+                   help="memory per GPU in GiB (default: %(default)s)")
+    p.add_argument("--piece", type=_positive(int), default=None,
+                   help="prefill piece in tokens per sequence (default: the attention chunk, as Llama4.prefill)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="model dtype (default: the config's, else bfloat16)")
+    p.add_argument("--workspace-gib", type=float, default=WORKSPACE_GIB,
+                   help="allowance for CUDA context and allocator slack in GiB (default: %(default)s)")
+    return p
+
+
+def plan(args, p) -> int:
+    from llama4_fast.planning import PlanArgumentError, memory_plan
+
+    try:
+        result = memory_plan(args.model, args.weights, group_size=args.group_size, batch=args.batch,
+                             context=args.context, gpus=args.gpus, gpu_gib=args.gpu_gib,
+                             shared_expert=args.shared_expert, dense_ffn=args.dense_ffn, attention=args.attention,
+                             piece=args.piece, dtype=args.dtype, workspace_gib=args.workspace_gib)
+    except PlanArgumentError as e:
+        p.error(f"--{e.argument.replace('_', '-')}{str(e).removeprefix(e.argument)}")
+    except (OSError, ValueError) as e:
+        p.error(f"MODEL: {e}")
+    print(result)
+    return 0
 
 
 if __name__ == "__main__":
