@@ -163,3 +163,40 @@ def test_peak_memory_is_the_quantized_model_plus_one_expert_stack(tmp_path):
     bound = kept + stack + 2 * one_expert_fp32 + 16 * 2**20
     assert peak < bound, f"peak {peak / 2**20:.0f} MB >= {bound / 2**20:.0f} MB (kept {kept / 2**20:.0f} MB)"
     assert peak < 0.6 * size, f"peak {peak / 2**20:.0f} MB vs checkpoint {size / 2**20:.0f} MB"
+
+
+@pytest.mark.parametrize("layout", ["text", "multimodal"])
+@torch.no_grad()
+def test_transformers_model_quantized_while_loading(checkpoints, layout):
+    """hf_loading.from_pretrained_quantized: the patched transformers model with INT4 experts,
+    equal (state and logits) to quantize(patch(from_pretrained(...))), built without the
+    full-precision experts; a multimodal checkpoint gives its language model."""
+    from transformers import AutoModelForCausalLM
+
+    from llama4_fast import hf_loading, hf_patch
+
+    path = checkpoints[layout]
+    model = hf_loading.from_pretrained_quantized(path, "int4", group_size=32, dtype="float32",
+                                                 device_map={"": "cpu", "model.layers.1": "cpu"})
+    assert hf_patch.is_patched(model) and isinstance(model.model.layers[1].feed_forward.experts, QuantExperts)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoints["text"], dtype=torch.float32)
+    reference = llama4_fast.quantize(llama4_fast.patch(reference), "int4", group_size=32)
+    state, ref_state = model.state_dict(), reference.state_dict()
+    assert state.keys() == ref_state.keys()
+    assert all(torch.equal(state[k], ref_state[k]) for k in state)
+    ids = torch.randint(3, 1024, (2, 21))
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_transformers_quantized_load_checks_first(checkpoints, monkeypatch):
+    from llama4_fast import hf_loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensor data was read before the arguments were checked")
+
+    monkeypatch.setattr(checkpoint, "iter_tensors", refuse)
+    with pytest.raises(ValueError, match="K=96 is not a multiple of group_size=64"):
+        hf_loading.from_pretrained_quantized(checkpoints["text"], "int4", group_size=64)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device_map='auto' needs CUDA devices"):
+            hf_loading.from_pretrained_quantized(checkpoints["text"], "int4", group_size=32, device_map="auto")
