@@ -745,17 +745,6 @@ def _lse_args(lse, q: torch.Tensor):
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
 
 
-def _input_like(name: str, x, q: torch.Tensor):
-    """A backward input laid out as q's values (any strides, stride 0 included): q's shape, dtype, device."""
-    checks.tensor(name, x, ndim=4)
-    if x.shape != q.shape:
-        raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
-    if x.dtype != q.dtype:
-        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {x.dtype}")
-    if x.device != q.device:
-        raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
-
-
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk_size: int | None = None,
                       scale: float | None = None, kv_start: int | torch.Tensor = 0,
                       kv_len: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -885,8 +874,8 @@ def chunked_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if not supports_head_dim(D):
         raise ValueError(f"head dim D={D} is not supported (1 <= D <= 256)")
     checks.kernel_device("q", q, "chunked_attention_backward", checks.INTERPRETER_BF16_DOT)
-    _input_like("do", do, q)
-    _input_like("out", out, q)
+    checks.like(do, q, "q", "do")
+    checks.like(out, q, "q", "out")
     _lse_args(lse, q)
     _position_range(kv_start, Skv)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -269,19 +269,24 @@ def _overlapping(t: torch.Tensor) -> bool:
     return False
 
 
-def out_like(out, like: torch.Tensor, like_name: str, name: str = "out", shape: tuple | None = None):
-    """`out` (called `name` in errors) must be a tensor with `like`'s shape (or `shape` when
-    given), dtype and device, whose elements do not overlap (every element is written once)."""
-    tensor(name, out)
+def like(x, like: torch.Tensor, like_name: str, name: str, shape: tuple | None = None):
+    """`x` (called `name` in errors) must be a tensor with `like`'s shape (or `shape` when
+    given), dtype and device; any strides."""
+    tensor(name, x)
     if shape is not None:
-        if tuple(out.shape) != tuple(shape):
-            raise ValueError(f"{name} must be {list(shape)}, got {list(out.shape)}")
-    elif out.shape != like.shape:
-        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(out.shape)}")
-    if out.dtype != like.dtype:
-        raise TypeError(f"{name} must have {like_name}'s dtype {like.dtype}, got {out.dtype}")
-    if out.device != like.device:
-        raise ValueError(f"{name} is on {out.device} but {like_name} is on {like.device}")
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must be {list(shape)}, got {list(x.shape)}")
+    elif x.shape != like.shape:
+        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(x.shape)}")
+    if x.dtype != like.dtype:
+        raise TypeError(f"{name} must have {like_name}'s dtype {like.dtype}, got {x.dtype}")
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
+
+
+def out_like(out, like_tensor: torch.Tensor, like_name: str, name: str = "out", shape: tuple | None = None):
+    """`out` as `like` checks it, and with no overlapping elements (every element is written once)."""
+    like(out, like_tensor, like_name, name, shape)
     if _overlapping(out):
         raise ValueError(f"{name} has overlapping elements (shape {tuple(out.shape)}, strides {out.stride()}), "
                          "e.g. a broadcast (stride-0) view: each element must have its own memory")
