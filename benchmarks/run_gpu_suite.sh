@@ -5,7 +5,7 @@
 # device tool's return folder), copied there as each step finishes.
 #
 #   bash benchmarks/run_gpu_suite.sh                 # every benchmark + GPU tests, under 8 minutes
-#   bash benchmarks/run_gpu_suite.sh all             # every step at full size (two 10-minute calls' worth)
+#   bash benchmarks/run_gpu_suite.sh all             # every step at full size (about 25 minutes: three 10-minute calls' worth)
 #   bash benchmarks/run_gpu_suite.sh e2e gpu-tests   # only the named steps, at full size
 #   bash benchmarks/run_gpu_suite.sh --quick         # CPU dry run of every step: toy sizes, interpreter
 #   bash benchmarks/run_gpu_suite.sh --plan [STEPS]  # print what would run (steps, limits, commands)
@@ -25,7 +25,7 @@
 # bottom; the benchmarks also stop at their --budget-s), and a suite deadline of 470 s shortens or
 # skips whatever would run past it, so the call ends within
 # 8 minutes whatever a step does. `all` and named steps run at full size with the longer limits and no deadline
-# (about 20 minutes for everything).
+# (about 25 minutes for everything).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -91,7 +91,7 @@ fi
 # Per-step arguments: toy sizes for --quick, reduced sizes for the default run, else full size.
 if [ -n "$QUICK" ]; then
   MOE="--quick"; MOE_QUANT="--quick --no-shared --tokens 1"; ATTENTION="--quick --budget-s 80"
-  E2E="--quick --weights bf16 fp8 int4"; QM="--quick --budget-s 60"; QK="--quick --budget-s 25"
+  E2E="--quick --depth short full --weights bf16 fp8 int4"; QM="--quick --budget-s 60"; QK="--quick --budget-s 25"
   HF_PATCH="--quick"; SCALING=""; TRAIN="--quick"
 elif [ -n "$LEASE_RUN" ]; then
   MOE="--shapes scout maverick --tokens 1 64 4096 --no-shared"
@@ -105,11 +105,12 @@ elif [ -n "$LEASE_RUN" ]; then
   TRAIN="--shapes scout maverick --tokens 4096 --seqs 8192 --no-flex --budget-s 35"
 else
   MOE=""; MOE_QUANT="--no-shared"; ATTENTION="--budget-s 80"
-  E2E="--budget-s 170 --repeats 1 --prompts 512 --batches 1 16 --weights bf16 fp8 int4"
+  # + Scout at 48 layers with INT4 then FP8 experts (--depth full: about 2 minutes each, a guess)
+  E2E="--depth short full --budget-s 400 --repeats 1 --prompts 512 --batches 1 16 --weights bf16 int4 fp8"
   QM="--budget-s 60"; QK="--budget-s 25"; HF_PATCH=""; SCALING=""; TRAIN="--budget-s 240"
 fi
 #    name        limit (s): default run, full size
-step e2e          150 230 $PY benchmarks/e2e.py $E2E
+step e2e          150 480 $PY benchmarks/e2e.py $E2E
 step quant_matmul  50  90 $PY benchmarks/quant_matmul.py $QM
 step moe_fp8       40 220 $PY benchmarks/moe_dispatch.py --weights fp8 $MOE_QUANT
 step moe_int4      40 220 $PY benchmarks/moe_dispatch.py --weights int4 $MOE_QUANT

@@ -56,6 +56,16 @@ def test_quick_suite_writes_results(tmp_path):
             assert payload["weights"] == bench.split("_")[-1] and row["rel_err_vs_loop"] < 1e-2
         if bench == "quant_matmul":  # the FP8 activation quantization is also timed on its own
             assert all(row["fp8_act_quant_us"] > 0 for row in payload["shapes"][0]["rows"])
+        if bench == "e2e":  # --depth full on the toy config: bf16 refused, INT4 and FP8 built quantized and run
+            assert payload["verdict"] == NOTHING_WRONG, payload["verdict"]
+            full = {res["weights"]: res for res in payload["full_depth"]}
+            assert sorted(full) == ["bf16", "fp8", "int4"] and full["bf16"]["error"].startswith("skipped: bf16")
+            for scheme in ("fp8", "int4"):
+                res = full[scheme]
+                assert abs(res["weights_over_plan"] - 1) < 1e-3 and res["check"]["rel_err_median"] < 1e-4, res
+                assert [(c["case"], c["batch"]) for c in res["cases"]] == [("ttft", 1), ("decode", 1), ("decode", 2)]
+                assert all("error" not in c and c["plan_gib"] > 0 for c in res["cases"]), res["cases"]
+                assert all(c["decode_tok_s"] > 0 and c["x_floor"] > 0 for c in res["cases"][1:])
     assert "=== done, status 0" in (tmp_path / "out" / "gpu_suite.log").read_text()
 
 
