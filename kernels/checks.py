@@ -15,6 +15,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCORINGS = ("sigmoid", "softmax")
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")  # the gate's activation in fused_moe
 
 
 def tensor(name: str, x, *, ndim: int | None = None, dtypes=None, contiguous: bool = False):
@@ -50,7 +51,7 @@ def route_args(router_logits, top_k, scoring, renormalize):
         raise ValueError("renormalize=True is only defined for scoring='softmax'")
 
 
-def moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids):
+def moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, skip_sentinel_ids: bool = False):
     """Shapes: hidden_states [T, H]; gate_up_proj [E, H, 2I]; down_proj [E, I, H];
     topk_weights [T, k] float; topk_ids [T, k] integer."""
     tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES)
@@ -74,12 +75,48 @@ def moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids):
     inter = two_i // 2
     if tuple(down_proj.shape) != (E, inter, H):
         raise ValueError(f"down_proj must be [E={E}, I={inter}, H={H}], got {tuple(down_proj.shape)}")
-    routing_args(hidden_states, topk_weights, topk_ids, E)
+    routing_args(hidden_states, topk_weights, topk_ids, E, skip_sentinel_ids)
 
 
-def routing_args(hidden_states, topk_weights, topk_ids, num_experts: int):
+def moe_variant_args(hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+                     gate_up_interleaved, clamped_swiglu, apply_router_weight_on_input):
+    """fused_moe's options for transformers' other experts (after moe_args): gate_up_bias
+    [E, 2I] and down_bias [E, H] in the weights' dtype and device, only with the router weight
+    on the output (the input-side weight would scale the bias too: no model does that);
+    activation in MOE_ACTIVATIONS; gate_up_interleaved a bool; clamped_swiglu None or a
+    (limit, alpha) pair of finite floats, limit > 0, with activation "silu"."""
+    E, H, two_i = gate_up_proj.shape
+    for name, bias, shape in (("gate_up_bias", gate_up_bias, (E, two_i)), ("down_bias", down_bias, (E, H))):
+        if bias is None:
+            continue
+        tensor(name, bias, ndim=2, dtypes=(hidden_states.dtype,))
+        if tuple(bias.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)}, got {list(bias.shape)}")
+        same_device(hidden_states=hidden_states, **{name: bias})
+        if apply_router_weight_on_input:
+            raise ValueError(f"{name} needs apply_router_weight_on_input=False (the router weight on the expert "
+                             "output, as every biased transformers expert has it)")
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {MOE_ACTIVATIONS}, got {activation!r}")
+    if not isinstance(gate_up_interleaved, bool):
+        raise TypeError(f"gate_up_interleaved must be a bool, got {type(gate_up_interleaved).__name__}")
+    if clamped_swiglu is not None:
+        if not (isinstance(clamped_swiglu, (tuple, list)) and len(clamped_swiglu) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clamped_swiglu)):
+            raise TypeError(f"clamped_swiglu must be a (limit, alpha) pair of floats or None, got {clamped_swiglu!r}")
+        limit, alpha = clamped_swiglu
+        if not (0 < limit < math.inf) or not math.isfinite(alpha):
+            raise ValueError(f"clamped_swiglu's limit must be positive and finite and its alpha finite, "
+                             f"got {clamped_swiglu!r}")
+        if activation != "silu":
+            raise ValueError(f"clamped_swiglu is gpt-oss's gate (its own sigmoid): activation must stay 'silu', "
+                             f"got {activation!r}")
+
+
+def routing_args(hidden_states, topk_weights, topk_ids, num_experts: int, skip_sentinel_ids: bool = False):
     """topk_weights [T, k] float and topk_ids [T, k] integer for hidden_states [T, H], with
-    k <= num_experts and (on CPU) every id in [0, num_experts)."""
+    k <= num_experts and (on CPU) every id in [0, num_experts); with skip_sentinel_ids, ids >=
+    num_experts are allowed (expert-parallel sentinels: another rank's experts, skipped)."""
     tensor("topk_weights", topk_weights, ndim=2, dtypes=FLOAT_DTYPES)
     tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64))
     same_device(hidden_states=hidden_states, topk_weights=topk_weights, topk_ids=topk_ids)
@@ -94,8 +131,10 @@ def routing_args(hidden_states, topk_weights, topk_ids, num_experts: int):
     # Data-dependent, so skipped while torch.compile traces (and on CUDA: no host sync).
     if topk_ids.device.type == "cpu" and topk_ids.numel() and not torch.compiler.is_compiling():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= E:
-            raise ValueError(f"topk_ids must lie in [0, {E}), got values in [{lo}, {hi}]")
+        if lo < 0 or (hi >= E and not skip_sentinel_ids):
+            where = "be >= 0 (ids >= E are expert-parallel sentinels, skipped)" if skip_sentinel_ids \
+                else f"lie in [0, {E})"
+            raise ValueError(f"topk_ids must {where}, got values in [{lo}, {hi}]")
 
 
 def attention_args(q, k, v, chunk_size, scale, kv_start, kv_len=None):

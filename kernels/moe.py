@@ -27,6 +27,16 @@ For hidden_states x [T, H], experts gate_up_proj [E, H, 2I] / down_proj [E, I, H
    sum of the splits, then SwiGLU (gate_up) or the sum over the k slots (down). Splitting is
    decided per call from the tile count and the SM count (gemm.split_k), never at prefill.
 
+The experts of other transformers models (ExpertVariant, fused_moe's keyword options) are
+constexpr switches of the same two GEMMs, off for Llama 4 (whose compiled kernels they leave as
+they were): biases added to the fp32 accumulators in split 0 (gate_up's after the router weight
+on the input, down's before the one on the output); the gate's activation (ACTIVATION: silu,
+gelu, tanh GELU, or gpt-oss's clamped SwiGLU with runtime limit and alpha); interleaved gate/up
+columns as a (column, up offset) pair: gate n and up N + n, or 2n and 2n + 1. A gate other than
+SwiGLU takes no split K on gate_up (the combine kernel knows SwiGLU only). The backward follows
+every switch: dA in gate_up_proj's column order, the bias gradients summed by the weight-gradient
+kernel, and with a down bias dOut . b2 added to the router weight's gradient in the K loop.
+
 Quantized experts (FP8 per-channel / per-tensor / 128x128 blocks, INT4 group-wise; layouts in
 dequant.py) take the same two GEMMs with a constexpr WEIGHT_FORMAT: each K step calls
 dequant.dequant_dot (FP8 rowwise scales in the epilogue), FP8 activations (x, then h) are
@@ -64,19 +74,90 @@ CONFIG_FILE = Path(__file__).resolve().parent / "configs" / "moe_h100.json"
 DIRECT_MAX_PAIRS = 64
 
 
+# Gate activations of the gate_up epilogue (constexpr ACTIVATION): h = act(gate) * up for the
+# first three; CLAMPED_SWIGLU is gpt-oss's gate with runtime (limit, alpha):
+# h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+SILU = tl.constexpr(0)
+GELU = tl.constexpr(1)
+GELU_TANH = tl.constexpr(2)
+CLAMPED_SWIGLU = tl.constexpr(3)
+ACTIVATIONS = {"silu": SILU.value, "gelu": GELU.value, "gelu_tanh": GELU_TANH.value}
+
+
+@triton.jit
+def _clamp_glu_inputs(g, u, limit):
+    """gpt-oss's clamps, NaN kept (a NaN compares false, as torch.clamp propagates it)."""
+    g = tl.where(g > limit, limit, g)
+    u = tl.where(u > limit, limit, tl.where(u < -limit, -limit, u))
+    return g, u
+
+
+@triton.jit
+def _glu(g, u, limit, alpha, ACTIVATION: tl.constexpr):
+    """h = act(g) * u (fp32), or gpt-oss's clamped SwiGLU (see ACTIVATIONS above)."""
+    if ACTIVATION == SILU:
+        h = g * tl.sigmoid(g) * u
+    elif ACTIVATION == GELU:
+        h = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)) * u
+    elif ACTIVATION == GELU_TANH:  # tanh(z) = 2 sigmoid(2z) - 1
+        t = 2.0 * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) - 1.0
+        h = 0.5 * g * (1.0 + t) * u
+    else:
+        g, u = _clamp_glu_inputs(g, u, limit)
+        h = (u + 1.0) * (g * tl.sigmoid(alpha * g))
+    return h
+
+
+@triton.jit
+def _glu_backward(g, u, d_out_h, limit, alpha, ACTIVATION: tl.constexpr):
+    """(h, dL/dg, dL/du) of h = _glu(g, u) for dL/dh = d_out_h, elementwise in fp32."""
+    if ACTIVATION == SILU:
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        h = silu * u
+        d_g = d_out_h * u * sig * (1.0 + g * (1.0 - sig))  # silu'(g) = sig (1 + g (1 - sig))
+        d_u = d_out_h * silu
+    elif ACTIVATION == GELU:  # gelu'(g) = Phi(g) + g phi(g)
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        act = g * cdf
+        h = act * u
+        d_g = d_out_h * u * (cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g))
+        d_u = d_out_h * act
+    elif ACTIVATION == GELU_TANH:  # d/dg 0.5 g (1 + t(z)) = 0.5 (1 + t) + 0.5 g (1 - t^2) z'
+        t = 2.0 * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) - 1.0
+        act = 0.5 * g * (1.0 + t)
+        h = act * u
+        d_act = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+        d_g = d_out_h * u * d_act
+        d_u = d_out_h * act
+    else:  # clamps pass the gradient where min <= x <= max (torch.clamp's rule), none for NaN
+        gc, uc = _clamp_glu_inputs(g, u, limit)
+        sig = tl.sigmoid(alpha * gc)
+        glu = gc * sig
+        h = (uc + 1.0) * glu
+        d_g = tl.where(g <= limit, d_out_h * (uc + 1.0) * sig * (1.0 + alpha * gc * (1.0 - sig)), 0.0)
+        d_u = tl.where((u >= -limit) & (u <= limit), d_out_h * glu, 0.0)
+    return h, d_g, d_u
+
+
 @triton.jit
 def _swiglu_backward(d_h, router_w, pairs, offs_n, mask, N, da_ptrs, stride_dan,
                      preact_ptr, stride_pm, stride_pn, h_ptr, stride_hm, stride_hn, dw_ptrs, row_mask,
-                     ON_INPUT: tl.constexpr):
+                     ON_INPUT: tl.constexpr, up_shift, bias_g, bias_u, d_w_bias, glu_limit, glu_alpha,
+                     ACTIVATION: tl.constexpr):
     """Epilogue of the backward's first GEMM, d_h = dOut[token] @ down_proj[e]^T ([BLOCK_M,
     BLOCK_N] fp32, columns offs_n of I = N), for rows `pairs` with router weights router_w.
 
     With a_g, a_u the saved pre-activations (x @ gate, x @ up) and w the router weight, the
-    forward computed g = w a_g, u = w a_u (on input; else g = a_g, u = a_u and the output row
-    was scaled by w), h = silu(g) u. It writes, in one pass over the tile:
-      dA = [dL/da_g | dL/da_u] into columns n and N + n of da (what dX and dgate_up multiply),
+    forward computed g = w a_g, u = w a_u (on input; else g = a_g + b_g, u = a_u + b_u with the
+    gate_up bias when there is one, and the output row was scaled by w), h = glu(g, u) (_glu).
+    It writes, in one pass over the tile:
+      dA = [dL/da_g | dL/da_u] into da's gate and up columns (da_ptrs, da_ptrs + up_shift
+      columns: n and N + n, or 2n and 2n + 1 for interleaved weights), what dX and dgate_up
+      multiply,
       h (times w when the weight was on the output) for the down weight's gradient,
-      this column block's share of dL/dw (summed over blocks by the caller: no atomics).
+      this column block's share of dL/dw (summed over blocks by the caller: no atomics); with a
+      down bias b2 the output was w (h @ down + b2), and d_w_bias holds dOut . b2 (block 0 only).
     """
     p_ptrs = preact_ptr + pairs[:, None] * stride_pm + offs_n[None, :] * stride_pn
     a_g = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -89,21 +170,22 @@ def _swiglu_backward(d_h, router_w, pairs, offs_n, mask, N, da_ptrs, stride_dan,
     else:
         g = a_g
         u = a_u
+        if bias_g is not None:
+            g = g + bias_g[None, :]
+            u = u + bias_u[None, :]
         d_out_h = d_h * w
-    sig = tl.sigmoid(g)
-    silu = g * sig
-    h = silu * u
-    d_g = d_out_h * u * sig * (1.0 + g * (1.0 - sig))  # silu'(g) = sig (1 + g (1 - sig))
-    d_u = d_out_h * silu
+    h, d_g, d_u = _glu_backward(g, u, d_out_h, glu_limit, glu_alpha, ACTIVATION)
     if ON_INPUT:  # g = w a_g: dL/dw collects a_g dL/dg, and dL/da_g = w dL/dg
         d_w = tl.sum(d_g * a_g + d_u * a_u, axis=1)
         d_g = d_g * w
         d_u = d_u * w
     else:  # out = w (h @ down): dL/dw = dOut . (h @ down) = (dOut @ down^T) . h
         d_w = tl.sum(d_h * h, axis=1)
+        if d_w_bias is not None:
+            d_w += d_w_bias
         h = h * w
     tl.store(da_ptrs, d_g.to(da_ptrs.dtype.element_ty), mask=mask)
-    tl.store(da_ptrs + N * stride_dan, d_u.to(da_ptrs.dtype.element_ty), mask=mask)
+    tl.store(da_ptrs + up_shift * stride_dan, d_u.to(da_ptrs.dtype.element_ty), mask=mask)
     tl.store(h_ptr + pairs[:, None] * stride_hm + offs_n[None, :] * stride_hn,
              h.to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptrs, d_w, mask=row_mask)
@@ -122,14 +204,15 @@ def _moe_gemm_kernel(
     bs_ptr, stride_bse, stride_bsk, stride_bsn, bz_ptr, stride_bze, stride_bzk, stride_bzn,
     as_ptr, stride_asm, stride_ask,
     # C rows are pair indices: h [P, N], fp32 partials [splits, P, N or 2N], or out [T, N] (top-1);
-    # SWIGLU_BWD: dA [P, 2N], the gradient of the gate/up pre-activations
+    # SWIGLU_BWD: dA [P, 2N], the gradient of the gate/up pre-activations, in gate_up_proj's
+    # column order (GATE_UP_INTERLEAVED)
     c_ptr, stride_cm, stride_cn, c_split_stride,
     # routing: flat topk_ids / topk_weights [P], and the dispatch metadata (unused when DIRECT)
     topk_ids_ptr, topk_weights_ptr, sorted_pairs_ptr, expert_offsets_ptr, block_offsets_ptr,
     num_pairs, num_experts, num_pid_m, N, K, num_splits,
     A_ROW_DIV: tl.constexpr,   # A row of pair p is p // A_ROW_DIV (top_k for x, 1 for h)
     DIRECT: tl.constexpr,      # all pairs in one row block; program m serves pair m's expert
-    GATED: tl.constexpr,       # gate_up: two accumulators, columns n and N + n of B
+    GATED: tl.constexpr,       # gate_up: two accumulators, gate and up columns of B
     SCALE_C: tl.constexpr,     # router weight multiplies the GEMM result rows (epilogue)
     C_PARTIAL: tl.constexpr,   # store fp32 partials (split K or top_k > 1) instead of final rows
     DOT_PRECISION: tl.constexpr,
@@ -146,6 +229,15 @@ def _moe_gemm_kernel(
     STORE_PREACT: tl.constexpr = False,
     SWIGLU_BWD: tl.constexpr = False,  # the epilogue of dH = dOut @ down^T (see _swiglu_backward)
     ON_INPUT: tl.constexpr = True,     # SWIGLU_BWD: the router weight was applied on the input
+    # transformers' other expert layouts and gates; the defaults are Llama 4's (no code for them)
+    # bias [E, N_total] added to the fp32 result, in split 0 only: gate_up's after the router
+    # weight on the input, down's before the router weight on the output. SWIGLU_BWD: the
+    # gate_up bias of the pre-activations, and a_bias [E, K] the down bias (dL/dw += dOut . b2).
+    bias_ptr=None, stride_biase=0, stride_biasn=0, a_bias_ptr=None, stride_abe=0, stride_abk=0,
+    glu_limit=None, glu_alpha=None,  # CLAMPED_SWIGLU's limit and alpha
+    GATE_UP_INTERLEAVED: tl.constexpr = False,  # GATED or SWIGLU_BWD: gate column n of gate_up_proj
+    # (B, dA, the bias) is 2n and up 2n + 1, instead of n and N + n
+    ACTIVATION: tl.constexpr = SILU,  # the gate's activation (_glu)
 ):
     # -- which tile: grouped ordering, so the CTAs resident at once share B column blocks
     # (several row blocks of one expert) and A row blocks (several column blocks).
@@ -188,11 +280,28 @@ def _moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
+    # gate_up_proj's gate columns (of B when GATED; of dA when SWIGLU_BWD) and how far the up
+    # column of each lies
+    if GATE_UP_INTERLEAVED:
+        gate_cols = 2 * offs_n
+        up_shift = 1
+    else:
+        gate_cols = offs_n
+        up_shift = N
+    if GATED:
+        b_cols = gate_cols
+    else:
+        b_cols = offs_n
     a_rows_ptrs = a_ptr + a_rows[:, None] * stride_am
     b_base = b_ptr + expert.to(tl.int64) * stride_be  # only dereferenced for a valid expert
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if a_bias_ptr is not None:  # SWIGLU_BWD with a down bias: dOut . b2[e] per row, block 0
+        d_w_bias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        ab_base = a_bias_ptr + expert.to(tl.int64) * stride_abe
+    else:
+        d_w_bias = None
     if WEIGHT_FORMAT != DENSE:
         bs_base = bs_ptr + expert.to(tl.int64) * stride_bse
         bz_base = bz_ptr + expert.to(tl.int64) * stride_bze
@@ -202,11 +311,15 @@ def _moe_gemm_kernel(
         a_mask = row_mask[:, None] & (kk < K)[None, :]
         a = tl.load(a_rows_ptrs + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
         if WEIGHT_FORMAT == DENSE:
-            b_ptrs = b_base + kk[:, None] * stride_bk + offs_n[None, :] * stride_bn
+            b_ptrs = b_base + kk[:, None] * stride_bk + b_cols[None, :] * stride_bn
             b_mask = (kk < K)[:, None] & n_mask[None, :]
             acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+            if a_bias_ptr is not None:
+                a_bias = tl.load(ab_base + kk * stride_abk, mask=kk < K, other=0.0).to(tl.float32)
+                a_bias = tl.where(pid_n == 0, a_bias, 0.0)
+                d_w_bias += tl.sum(a.to(tl.float32) * a_bias[None, :], axis=1)
             if GATED:
-                b_up = tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0)
+                b_up = tl.load(b_ptrs + up_shift * stride_bn, mask=b_mask, other=0.0)
                 acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         else:
             if WEIGHT_FORMAT == FP8_BLOCK:
@@ -221,8 +334,12 @@ def _moe_gemm_kernel(
                                      WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION)
 
     # -- epilogue: rows go back to their pair (or, top-1, token) row; nothing is permuted.
+    if SWIGLU_BWD:  # dA's gate columns follow gate_up_proj's
+        c_cols = gate_cols
+    else:
+        c_cols = offs_n
     c_ptrs = (c_ptr + pid_s.to(tl.int64) * c_split_stride
-              + pairs[:, None] * stride_cm + offs_n[None, :] * stride_cn)
+              + pairs[:, None] * stride_cm + c_cols[None, :] * stride_cn)
     c_mask = row_mask[:, None] & n_mask[None, :]
     if WEIGHT_FORMAT == FP8_ROWWISE:  # per-token activation scale x per-channel weight scale
         a_scale = tl.load(as_ptr + a_rows * stride_asm, mask=row_mask, other=0.0)
@@ -233,21 +350,40 @@ def _moe_gemm_kernel(
         p_ptrs = preact_ptr + pairs[:, None] * stride_pm + offs_n[None, :] * stride_pn
         tl.store(p_ptrs, acc.to(preact_ptr.dtype.element_ty), mask=c_mask)
         tl.store(p_ptrs + N * stride_pn, acc_up.to(preact_ptr.dtype.element_ty), mask=c_mask)
+    if bias_ptr is not None:  # an invalid expert's rows stay zero; added once over the splits
+        use_bias = valid_expert & (pid_s == 0)
+        bias_base = bias_ptr + tl.where(valid_expert, expert, 0).to(tl.int64) * stride_biase
+        bias = tl.load(bias_base + gate_cols * stride_biasn, mask=n_mask, other=0.0).to(tl.float32)
+        bias = tl.where(use_bias, bias, 0.0)
+        if GATED or SWIGLU_BWD:
+            bias_up = tl.load(bias_base + (gate_cols + up_shift) * stride_biasn, mask=n_mask, other=0.0)
+            bias_up = tl.where(use_bias, bias_up.to(tl.float32), 0.0)
+        else:
+            bias_up = None
+    else:
+        bias = None
+        bias_up = None
     if SWIGLU_BWD:
         _swiglu_backward(acc, router_w, pairs, offs_n, c_mask, N, c_ptrs, stride_cn,
                          preact_ptr, stride_pm, stride_pn, h_ptr, stride_hm, stride_hn,
-                         dw_ptr + pairs * stride_dwm + pid_n, row_mask, ON_INPUT)
+                         dw_ptr + pairs * stride_dwm + pid_n, row_mask, ON_INPUT,
+                         up_shift, bias, bias_up, d_w_bias, glu_limit, glu_alpha, ACTIVATION)
         return
+    if bias is not None and not GATED:  # down: the bias is inside the router weight on the output
+        acc += bias[None, :]
     if SCALE_C:  # the router weight on the GEMM result rows: w * (a @ B) == (w * a) @ B
         acc = acc * router_w[:, None]
         if GATED:
             acc_up = acc_up * router_w[:, None]
     if GATED:
+        if bias is not None:  # gate_up: the bias is outside the router weight on the input
+            acc += bias[None, :]
+            acc_up += bias_up[None, :]
         if C_PARTIAL:
             tl.store(c_ptrs, acc, mask=c_mask)
             tl.store(c_ptrs + N * stride_cn, acc_up, mask=c_mask)
         else:
-            h = acc * tl.sigmoid(acc) * acc_up
+            h = _glu(acc, acc_up, glu_limit, glu_alpha, ACTIVATION)
             tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=c_mask)
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -263,6 +399,9 @@ def _moe_wgrad_kernel(
     A_ROW_DIV: tl.constexpr, B_ROW_DIV: tl.constexpr,  # row of pair p: p // DIV (top_k for token rows)
     DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+    # the bias gradient db[e] [E, NO] = sum over e's pairs p of rw[p] B[p], rw the router
+    # weights [P] when given, else 1 (written by the programs of the first K tile)
+    bias_grad_ptr=None, stride_dbe=0, stride_dbn=0, row_w_ptr=None,
 ):
     """dW[e] = sum over expert e's pairs p of A[p]^T B[p]: a grouped GEMM whose reduction runs
     over each expert's rows (the dispatch metadata lists them). One program owns a [BLOCK_K,
@@ -278,6 +417,8 @@ def _moe_wgrad_kernel(
     start = tl.load(expert_offsets_ptr + expert)
     end = tl.load(expert_offsets_ptr + expert + 1)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    if bias_grad_ptr is not None:
+        bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for s0 in range(start, end, BLOCK_P):
         slots = s0 + tl.arange(0, BLOCK_P)
         row_mask = slots < end
@@ -287,6 +428,15 @@ def _moe_wgrad_kernel(
         b = tl.load(b_ptr + (pairs // B_ROW_DIV)[:, None] * stride_bm + offs_n[None, :] * stride_bn,
                     mask=row_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+        if bias_grad_ptr is not None:
+            b_rows = b.to(tl.float32)
+            if row_w_ptr is not None:
+                b_rows = b_rows * tl.load(row_w_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+            bias_acc += tl.sum(b_rows, axis=0)
+    if bias_grad_ptr is not None:
+        if pid_k == 0:
+            tl.store(bias_grad_ptr + expert.to(tl.int64) * stride_dbe + offs_n * stride_dbn,
+                     bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=n_mask)
     c_ptrs = (c_ptr + expert.to(tl.int64) * stride_ce + offs_k[:, None].to(tl.int64) * stride_ck
               + offs_n[None, :] * stride_cn)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
@@ -455,6 +605,49 @@ def quant_experts_args(hidden_states, gate_up_proj, down_proj, weight_format, ga
                        checks.scale_bound("act_scale_ub", act_scale_ub))
 
 
+@dataclass(frozen=True)
+class ExpertVariant:
+    """How a transformers experts module departs from Llama 4's SwiGLU experts (validated by
+    checks.moe_variant_args); the default is Llama 4's, which launches no code for any of it.
+
+    gate_up_bias [E, 2I] (gate_up_proj's column order) / down_bias [E, H]; activation: ACTIVATIONS'
+    code, or CLAMPED_SWIGLU with (limit, alpha); interleaved: gate column n of gate_up_proj is 2n
+    and up 2n + 1 (else n and I + n)."""
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    activation: int = SILU.value
+    interleaved: bool = False
+    limit: float | None = None
+    alpha: float | None = None
+
+    def gate_up_kwargs(self) -> dict:
+        """_moe_gemm_kernel arguments of the gate_up GEMM (GATED) and of the SwiGLU backward."""
+        kw = {}
+        if self.gate_up_bias is not None:
+            b = self.gate_up_bias
+            kw.update(bias_ptr=b, stride_biase=b.stride(0), stride_biasn=b.stride(1))
+        if self.interleaved:
+            kw.update(GATE_UP_INTERLEAVED=True)
+        if self.activation != SILU.value:
+            kw.update(ACTIVATION=self.activation)
+        if self.activation == CLAMPED_SWIGLU.value:
+            kw.update(glu_limit=float(self.limit), glu_alpha=float(self.alpha))
+        return kw
+
+    def down_kwargs(self) -> dict:
+        """_moe_gemm_kernel arguments of the down GEMM."""
+        b = self.down_bias
+        return {} if b is None else dict(bias_ptr=b, stride_biase=b.stride(0), stride_biasn=b.stride(1))
+
+
+def expert_variant(gate_up_bias=None, down_bias=None, activation: str = "silu", gate_up_interleaved: bool = False,
+                   clamped_swiglu: tuple[float, float] | None = None) -> ExpertVariant:
+    """The ExpertVariant of fused_moe's keyword arguments (already validated)."""
+    code = CLAMPED_SWIGLU.value if clamped_swiglu is not None else ACTIVATIONS[activation]
+    limit, alpha = clamped_swiglu if clamped_swiglu is not None else (None, None)
+    return ExpertVariant(gate_up_bias, down_bias, code, gate_up_interleaved, limit, alpha)
+
+
 def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
               apply_router_weight_on_input: bool = True, out: torch.Tensor | None = None,
@@ -462,7 +655,9 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
               down_scale: torch.Tensor | None = None, gate_up_zero: torch.Tensor | None = None,
               down_zero: torch.Tensor | None = None, group_size: int = 128,
               act_scale_ub: float | None = None, config: MoeConfig | None = None,
-              preact: torch.Tensor | None = None) -> torch.Tensor:
+              preact: torch.Tensor | None = None, gate_up_bias: torch.Tensor | None = None,
+              down_bias: torch.Tensor | None = None, activation: str = "silu", gate_up_interleaved: bool = False,
+              clamped_swiglu: tuple[float, float] | None = None, skip_sentinel_ids: bool = False) -> torch.Tensor:
     """Routed SwiGLU experts, computing only the chosen (token, expert) pairs.
 
     hidden_states: [T, H] float16/bfloat16/float32, any strides.
@@ -472,7 +667,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     down_proj:     [E, I, H], same dtype.
     topk_weights:  [T, k] float (any float dtype; used in fp32).
     topk_ids:      [T, k] int32/int64 expert ids. On CUDA, ids outside [0, E) are skipped
-                   (contribute nothing); on CPU they raise.
+                   (contribute nothing); on CPU they raise, except ids >= E with
+                   skip_sentinel_ids=True (expert-parallel sentinels: skipped on every device).
     apply_router_weight_on_input: Llama 4's convention, the expert input is x * w (applied as
                    w * (x @ gate_up) on the fp32 accumulators: the same product, one rounding
                    fewer); otherwise the expert output is scaled by w.
@@ -493,18 +689,38 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
                    direct or the sorted path); validated by `config_args`.
     preact:        optional [T * k, 2I] tensor in hidden_states' dtype that receives, for pair
                    p = t * k + j, x[t] @ gate_up_proj[topk_ids[t, j]] before the router weight
-                   (what `fused_moe_backward` needs; training). Rows of skipped ids get zeros.
+                   and any bias, gate columns first whatever the weights' order (what
+                   `fused_moe_backward` needs; training). Rows of skipped ids get zeros.
+
+    transformers' other experts (the defaults are Llama 4's; dense weights only, not with
+    weight_format):
+    gate_up_bias:  [E, 2I] (gate_up_proj's column order) added to x @ gate_up_proj[e], and
+    down_bias:     [E, H] added to h @ down_proj[e]; both only with the router weight on the output.
+    activation:    "silu" (SwiGLU), "gelu" (erf) or "gelu_tanh": h = act(gate) * up.
+    gate_up_interleaved: gate column n of gate_up_proj is 2n and up 2n + 1 (gpt-oss), instead of
+                   n and I + n. Transposed (nn.Linear-style) weights need no option: pass the
+                   [E, H, 2I] / [E, I, H] views (.transpose(1, 2)), read through their strides.
+    clamped_swiglu: (limit, alpha): gpt-oss's gate, h = (clamp(up, -limit, limit) + 1) * g *
+                   sigmoid(alpha * g) with g = min(gate, limit) (NaN kept), in place of act(gate) * up.
 
     Returns [T, H] in hidden_states' dtype: sum over the k choices of
     down(silu(x_w @ gate) * (x_w @ up)), accumulated in fp32. The shared expert is not included.
     """
+    variant = ExpertVariant()
     if weight_format is None:
-        checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
+        checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, skip_sentinel_ids)
+        checks.moe_variant_args(hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+                                gate_up_interleaved, clamped_swiglu, apply_router_weight_on_input)
+        variant = expert_variant(gate_up_bias, down_bias, activation, gate_up_interleaved, clamped_swiglu)
         quant = None
     else:
+        if (gate_up_bias, down_bias, activation, gate_up_interleaved, clamped_swiglu) != (None, None, "silu", False,
+                                                                                           None):
+            raise ValueError("quantized experts (weight_format) take Llama 4's SwiGLU experts only: no biases, "
+                             "activation, gate_up_interleaved or clamped_swiglu")
         quant = quant_experts_args(hidden_states, gate_up_proj, down_proj, weight_format, gate_up_scale, down_scale,
                                    gate_up_zero, down_zero, group_size, act_scale_ub)
-        checks.routing_args(hidden_states, topk_weights, topk_ids, gate_up_proj.shape[0])
+        checks.routing_args(hidden_states, topk_weights, topk_ids, gate_up_proj.shape[0], skip_sentinel_ids)
     checks.kernel_device("hidden_states", hidden_states, "fused_moe", checks.INTERPRETER_BF16_DOT)
     if config is not None:
         config_args(config, quant)
@@ -513,7 +729,8 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     else:
         checks.out_like(out, hidden_states, "hidden_states")
         checks.disjoint("out", out, hidden_states=hidden_states, gate_up_proj=gate_up_proj, down_proj=down_proj,
-                        topk_weights=topk_weights, topk_ids=topk_ids)
+                        topk_weights=topk_weights, topk_ids=topk_ids, gate_up_bias=gate_up_bias,
+                        down_bias=down_bias)
     if preact is not None:
         P, two_i = topk_ids.numel(), gate_up_proj.shape[2]
         checks.out_like(preact, hidden_states, "hidden_states", name="preact", shape=(P, two_i))
@@ -522,10 +739,12 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     if hidden_states.shape[0] == 0:
         return out
     cfg = config or launch_config(hidden_states, gate_up_proj, down_proj, topk_ids.shape[1], quant)
-    if preact is not None:  # the pre-activations come from one K pass (no split partials)
+    # The pre-activations come from one K pass (no split partials), and the split combine only
+    # knows SwiGLU.
+    if preact is not None or variant.activation != SILU.value:
         cfg = replace(cfg, gate_up=replace(cfg.gate_up, split_k=1))
     return _launch(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
-                   apply_router_weight_on_input, out, cfg, quant, preact)
+                   apply_router_weight_on_input, out, cfg, quant, preact, variant)
 
 
 def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -563,7 +782,8 @@ def config_args(cfg, quant: ExpertQuant | None = None):
 
 
 def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig,
-            quant: ExpertQuant | None = None, preact: torch.Tensor | None = None):
+            quant: ExpertQuant | None = None, preact: torch.Tensor | None = None,
+            variant: ExpertVariant = ExpertVariant()):
     """Run fused_moe with an explicit config (validated inputs, T > 0)."""
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[2] // 2
@@ -603,6 +823,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
     a1, q1, f1 = quant_args(x, *((quant.gate_up_scale, quant.gate_up_zero) if quant else (None, None)))
     if preact is not None:
         f1.update(preact_ptr=preact, stride_pm=preact.stride(0), stride_pn=preact.stride(1), STORE_PREACT=True)
+    f1.update(variant.gate_up_kwargs())
     grid = (num_pid_m * triton.cdiv(I, g.block_n), g.split_k)
     _moe_gemm_kernel[grid](
         a1, a1.stride(0), a1.stride(1),
@@ -622,6 +843,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
     partial = top_k > 1 or d.split_k > 1
     y2 = torch.empty(d.split_k, P, H, dtype=torch.float32, device=x.device) if partial else out
     a2, q2, f2 = quant_args(h, *((quant.down_scale, quant.down_zero) if quant else (None, None)))
+    f2.update(variant.down_kwargs())
     grid = (num_pid_m * triton.cdiv(H, d.block_n), d.split_k)
     _moe_gemm_kernel[grid](
         a2, a2.stride(0), a2.stride(1),
@@ -651,10 +873,20 @@ def _wgrad_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     return 64, 128, 128, 8, 3
 
 
-def _weight_grad(a, a_row_div: int, b, b_row_div: int, meta, num_experts: int, out_dtype) -> torch.Tensor:
-    """[E, KO, NO] = per expert, the sum over its pairs p of a[p // a_row_div]^T b[p // b_row_div]."""
+def _weight_grad(a, a_row_div: int, b, b_row_div: int, meta, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 row_weights: torch.Tensor | None = None):
+    """[E, KO, NO] like `weight` (its strides) = per expert, the sum over its pairs p of
+    a[p // a_row_div]^T b[p // b_row_div]; with `bias` [E, NO], also its gradient like it: the
+    sum of b's rows, each times row_weights[p] when given. -> (weight gradient, bias gradient)."""
     KO, NO = a.shape[1], b.shape[1]
-    c = torch.empty(num_experts, KO, NO, dtype=out_dtype, device=a.device)
+    num_experts = weight.shape[0]
+    c = torch.empty_like(weight)
+    bias_kw = {}
+    d_bias = None
+    if bias is not None:
+        d_bias = torch.empty_like(bias)
+        bias_kw = dict(bias_grad_ptr=d_bias, stride_dbe=d_bias.stride(0), stride_dbn=d_bias.stride(1),
+                       row_w_ptr=row_weights)
     block_p, block_k, block_n, warps, stages = _wgrad_config(a.dtype)
     grid = (triton.cdiv(KO, block_k) * triton.cdiv(NO, block_n), num_experts)
     _moe_wgrad_kernel[grid](
@@ -662,34 +894,46 @@ def _weight_grad(a, a_row_div: int, b, b_row_div: int, meta, num_experts: int, o
         meta.sorted_pairs, meta.expert_offsets, KO, NO,
         A_ROW_DIV=a_row_div, B_ROW_DIV=b_row_div,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=8, num_warps=warps, num_stages=stages)
-    return c
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_N=block_n, GROUP_M=8, num_warps=warps, num_stages=stages, **bias_kw)
+    return c, d_bias
 
 
 def fused_moe_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
                        down_proj: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                        preact: torch.Tensor, *, apply_router_weight_on_input: bool = True,
-                       weight_grads: bool = True):
+                       weight_grads: bool = True, gate_up_bias: torch.Tensor | None = None,
+                       down_bias: torch.Tensor | None = None, activation: str = "silu",
+                       gate_up_interleaved: bool = False, clamped_swiglu: tuple[float, float] | None = None,
+                       skip_sentinel_ids: bool = False):
     """Gradients of `fused_moe` (16-bit or fp32 weights; quantized experts are dequantized by
     the caller, and their weights are frozen: weight_grads=False).
 
     grad_out [T, H] (any strides, e.g. an expanded scalar gradient); hidden_states, gate_up_proj,
-    down_proj, topk_weights, topk_ids as given to the forward; preact [T * k, 2I] what the
-    forward wrote into its `preact` argument.
+    down_proj, topk_weights, topk_ids and the keyword options as given to the forward; preact
+    [T * k, 2I] what the forward wrote into its `preact` argument.
 
     Returns (d_hidden_states [T, H], d_gate_up_proj [E, H, 2I] or None, d_down_proj [E, I, H] or
-    None, d_topk_weights [T, k]), each in its input's dtype, every element written (an expert
-    with no tokens gets zeros). Four kernels, all over the forward's dispatch metadata:
+    None, d_topk_weights [T, k]), each in its input's dtype and the weight gradients with their
+    weight's strides, every element written (an expert with no tokens gets zeros); when a bias
+    is given, (d_gate_up_bias, d_down_bias) follow (None for an absent bias or without
+    weight_grads). Four kernels, all over the forward's dispatch metadata:
 
     1. dH = dOut[token] @ down_proj[e]^T (the forward's GEMM with B read transposed through its
-       strides), whose epilogue runs the SwiGLU backward from the saved pre-activations and
-       writes dA [P, 2I], h [P, I] and the router-weight gradient's column-block partials;
+       strides), whose epilogue runs the gate's backward (_glu_backward) from the saved
+       pre-activations and writes dA [P, 2I] (in gate_up_proj's column order), h [P, I] and the
+       router-weight gradient's column-block partials (with a down bias, dOut . b2 joins them);
     2. dX = sum over a token's pairs of dA @ gate_up_proj[e]^T (the forward's down GEMM shape:
        direct rows for top-1, fp32 partials and the fixed-order combine for top-k);
-    3. d_gate_up_proj[e] = x_e^T dA_e and 4. d_down_proj[e] = h_e^T dOut_e: `_moe_wgrad_kernel`.
+    3. d_gate_up_proj[e] = x_e^T dA_e and 4. d_down_proj[e] = h_e^T dOut_e: `_moe_wgrad_kernel`,
+       which also sums the bias gradients: d_gate_up_bias[e] = sum of dA_e's rows, d_down_bias[e]
+       = sum of w_p dOut[token_p] over e's pairs.
     Deterministic: every sum has a fixed order, nothing is accumulated with atomics.
     """
-    checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
+    checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, skip_sentinel_ids)
+    checks.moe_variant_args(hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+                            gate_up_interleaved, clamped_swiglu, apply_router_weight_on_input)
+    variant = expert_variant(gate_up_bias, down_bias, activation, gate_up_interleaved, clamped_swiglu)
+    has_bias = gate_up_bias is not None or down_bias is not None
     T, H = hidden_states.shape
     E, two_i = gate_up_proj.shape[0], gate_up_proj.shape[2]
     I = two_i // 2
@@ -707,10 +951,14 @@ def fused_moe_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, gate
     dev = x.device
     d_x = torch.empty(T, H, dtype=x.dtype, device=dev)
     d_w = torch.zeros(T, top_k, dtype=topk_weights.dtype, device=dev)
+
+    def result(d13, d2, d_b13=None, d_b2=None):
+        return (d_x, d13, d2, d_w) + ((d_b13, d_b2) if has_bias else ())
+
     if T == 0:
-        d13 = torch.zeros_like(gate_up_proj) if weight_grads else None
-        d2 = torch.zeros_like(down_proj) if weight_grads else None
-        return d_x, d13, d2, d_w
+        zeros = [torch.zeros_like(t) if weight_grads and t is not None else None
+                 for t in (gate_up_proj, down_proj, gate_up_bias, down_bias)]
+        return result(*zeros)
 
     # The forward's tiles for these shapes (block_m, both GEMMs' N/K tiles); no split K: the
     # SwiGLU backward needs the whole K sum, and training batches fill the GPU anyway.
@@ -740,7 +988,9 @@ def fused_moe_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, gate
         BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m, num_warps=g.num_warps, num_stages=g.num_stages,
         preact_ptr=preact, stride_pm=preact.stride(0), stride_pn=preact.stride(1),
         h_ptr=h, stride_hm=h.stride(0), stride_hn=h.stride(1), dw_ptr=d_w_parts, stride_dwm=d_w_parts.stride(0),
-        SWIGLU_BWD=True, ON_INPUT=apply_router_weight_on_input, **common)
+        SWIGLU_BWD=True, ON_INPUT=apply_router_weight_on_input, **common, **variant.gate_up_kwargs(),
+        **({} if down_bias is None else dict(a_bias_ptr=down_bias, stride_abe=down_bias.stride(0),
+                                             stride_abk=down_bias.stride(1))))
     d_w.copy_(d_w_parts.sum(dim=1).view(T, top_k))
 
     # 2. dX = sum over a token's pairs of dA @ gate_up^T: the forward's down GEMM, K = 2I
@@ -760,9 +1010,9 @@ def fused_moe_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, gate
             y, d_x, d_x.stride(0), d_x.stride(1), H, y.stride(0), 1,
             ROWS=top_k, SWIGLU=False, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
     if not weight_grads:
-        return d_x, None, None, d_w
+        return result(None, None)
 
-    # 3-4. the weight gradients, reduced over each expert's pairs
-    d13 = _weight_grad(x, top_k, d_a, 1, meta, E, gate_up_proj.dtype)
-    d2 = _weight_grad(h, 1, grad_out, top_k, meta, E, down_proj.dtype)
-    return d_x, d13, d2, d_w
+    # 3-4. the weight (and bias) gradients, reduced over each expert's pairs
+    d13, d_b13 = _weight_grad(x, top_k, d_a, 1, meta, gate_up_proj, gate_up_bias)
+    d2, d_b2 = _weight_grad(h, 1, grad_out, top_k, meta, down_proj, down_bias, row_weights=weights)
+    return result(d13, d2, d_b13, d_b2)

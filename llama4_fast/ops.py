@@ -28,7 +28,9 @@ def route(router_logits: torch.Tensor, top_k: int, scoring: str = "sigmoid", ren
 
 def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
               topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-              apply_router_weight_on_input: bool = True) -> torch.Tensor:
+              apply_router_weight_on_input: bool = True, gate_up_bias: torch.Tensor | None = None,
+              down_bias: torch.Tensor | None = None, activation: str = "silu", gate_up_interleaved: bool = False,
+              clamped_swiglu: tuple[float, float] | None = None, skip_sentinel_ids: bool = False) -> torch.Tensor:
     """Routed SwiGLU experts, running only the selected ones.
 
     hidden_states [T, H]; gate_up_proj [E, H, 2I] (gate columns first, then up, transformers'
@@ -36,21 +38,38 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
     Returns [T, H] in hidden_states' dtype: sum over the k choices of
     `down(silu(x_e @ gate) * (x_e @ up))` where `x_e = x * w` when apply_router_weight_on_input
     (Llama 4), else the expert output is multiplied by `w`. The shared expert is not included.
+    Weights are read through their strides: nn.Linear-style [E, 2I, H] / [E, H, I] experts pass
+    `.transpose(1, 2)` views, without a copy.
+
+    The experts of other transformers models (keyword-only; the defaults are Llama 4's):
+    - gate_up_bias [E, 2I] (gate_up_proj's column order) and down_bias [E, H]: added to each
+      projection, inside the router weight; only with apply_router_weight_on_input=False.
+    - activation: "silu", "gelu" (erf) or "gelu_tanh", the gate's: h = act(gate) * up.
+    - gate_up_interleaved: gate column n of gate_up_proj is 2n and up 2n + 1 (gpt-oss).
+    - clamped_swiglu=(limit, alpha): gpt-oss's gate instead of act(gate) * up:
+      h = (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+    - skip_sentinel_ids: ids >= E are expert-parallel sentinels (experts another rank holds)
+      and contribute nothing; without it they are refused (CPU) or skipped (CUDA). Negative ids
+      are always refused on CPU.
 
     Quantized experts: gate_up_proj and down_proj may both be `llama4_fast.quant.Fp8Weight` or
-    both `Int4Weight` (logical shapes as above, one format); then the router weight multiplies
-    the fp32 GEMM result and FP8 formats quantize the activations at run time (see
-    `kernels.fused_moe`'s weight_format).
+    both `Int4Weight` (logical shapes as above, one format; Llama 4's experts only: none of the
+    options above, ValueError); then the router weight multiplies the fp32 GEMM result and FP8 formats
+    quantize the activations at run time (see `kernels.fused_moe`'s weight_format).
 
-    Differentiable (training) in hidden_states, both weights and topk_weights; quantized
-    weights are frozen (a quantized tensor that requires grad is refused) and pass gradients
-    to hidden_states and topk_weights through their dequantized values.
+    Differentiable (training) in hidden_states, both weights, both biases and topk_weights;
+    quantized weights are frozen (a quantized tensor that requires grad is refused) and pass
+    gradients to hidden_states and topk_weights through their dequantized values.
     """
     from llama4_fast.quant import QuantWeight, expert_kernel_args
 
     if isinstance(gate_up_proj, QuantWeight) or isinstance(down_proj, QuantWeight):
         from llama4_fast.kernels.moe import quant_experts_args
 
+        if (gate_up_bias, down_bias, activation, gate_up_interleaved, clamped_swiglu, skip_sentinel_ids) != \
+                (None, None, "silu", False, None, False):
+            raise ValueError("quantized experts take Llama 4's SwiGLU experts only: no gate_up_bias, down_bias, "
+                             "activation, gate_up_interleaved, clamped_swiglu or skip_sentinel_ids")
         kw = expert_kernel_args(gate_up_proj, down_proj)
         _frozen("gate_up_proj", gate_up_proj)
         _frozen("down_proj", down_proj)
@@ -59,9 +78,22 @@ def fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
         checks.routing_args(hidden_states, topk_weights, topk_ids, w13.shape[0])
         return registry.call("fused_moe", hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
                              apply_router_weight_on_input=apply_router_weight_on_input)
-    checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids)
+    checks.moe_args(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, skip_sentinel_ids)
+    checks.moe_variant_args(hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias, activation,
+                            gate_up_interleaved, clamped_swiglu, apply_router_weight_on_input)
+    # Only the options that differ from Llama 4's defaults reach the backend, so a backend
+    # registered for Llama 4's experts alone keeps working.
+    options = dict(gate_up_bias=gate_up_bias, down_bias=down_bias,
+                   clamped_swiglu=None if clamped_swiglu is None else tuple(float(v) for v in clamped_swiglu))
+    options = {k: v for k, v in options.items() if v is not None}
+    if activation != "silu":
+        options["activation"] = activation
+    if gate_up_interleaved:
+        options["gate_up_interleaved"] = True
+    if skip_sentinel_ids:
+        options["skip_sentinel_ids"] = True
     return registry.call("fused_moe", hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
-                         apply_router_weight_on_input=apply_router_weight_on_input)
+                         apply_router_weight_on_input=apply_router_weight_on_input, **options)
 
 
 def quant_linear(x: torch.Tensor, weight) -> torch.Tensor:

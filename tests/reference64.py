@@ -223,3 +223,50 @@ def quant_moe64(x, gate_up, down, weights, ids, on_input=True):
             y = (activations64(h, down) @ w2[e])[0]
             out[t] += y if on_input else w * y
     return out
+
+
+def glu64(gate, up, activation="silu", clamped_swiglu=None):
+    """The experts' gate in float64: act(gate) * up, or gpt-oss's clamped SwiGLU (limit, alpha)."""
+    F = torch.nn.functional
+    if clamped_swiglu is not None:
+        limit, alpha = clamped_swiglu
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+        return (up + 1.0) * gate * torch.sigmoid(alpha * gate)
+    acts = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+    return acts[activation](gate) * up
+
+
+def experts64(x, gate_up, down, weights, ids, *, on_input=True, gate_up_bias=None, down_bias=None,
+              activation="silu", interleaved=False, clamped_swiglu=None, grad_out=None):
+    """transformers' experts in float64, per (token, slot) pair: z = x_w @ gate_up[e] (+ bias),
+    gate/up columns [:I] / [I:] (or even / odd when interleaved), y = glu64(gate, up) @ down[e]
+    (+ bias), the router weight w on the input (x_w = x * w) or the output (w * y); ids outside
+    [0, E) contribute nothing. Returns out [T, H]; with grad_out, the autograd gradients of
+    sum(out * grad_out) instead: (dx, d_gate_up, d_down, d_weights, d_gate_up_bias,
+    d_down_bias), None for an absent bias."""
+    leaves = [None if t is None else t.detach().double().cpu().requires_grad_(grad_out is not None)
+              for t in (x, gate_up, down, weights, gate_up_bias, down_bias)]
+    x, gate_up, down, weights, b13, b2 = leaves
+    ids = ids.cpu().long()
+    T, k = ids.shape
+    E, inter = gate_up.shape[0], down.shape[1]
+    valid = ((ids >= 0) & (ids < E)).reshape(-1)
+    e = ids.reshape(-1).clamp(0, E - 1)
+    rows = torch.arange(T).repeat_interleave(k)
+    w = weights.reshape(-1, 1)
+    xi = x[rows] * w if on_input else x[rows]
+    z = torch.einsum("ph,phn->pn", xi, gate_up[e])
+    if b13 is not None:
+        z = z + b13[e]
+    gate, up = (z[:, 0::2], z[:, 1::2]) if interleaved else (z[:, :inter], z[:, inter:])
+    y = torch.einsum("pi,pih->ph", glu64(gate, up, activation, clamped_swiglu), down[e])
+    if b2 is not None:
+        y = y + b2[e]
+    y = (y if on_input else w * y) * valid[:, None]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float64).index_add(0, rows, y)
+    if grad_out is None:
+        return out.detach()
+    wanted = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(out, wanted, grad_out.detach().double().cpu()))
+    return tuple(None if t is None else next(grads) for t in leaves)

@@ -85,6 +85,28 @@ def test_route_then_moe_gradient_reaches_the_router_logits():
     check_op(layer, [x, w13, w2, logits])
 
 
+# transformers' other experts: biases (the router weight on the output), gpt-oss's interleaved
+# clamped gate, a tanh-GELU gate, expert-parallel sentinel ids.
+MOE_VARIANTS = {"gpt_oss": dict(gate_up_interleaved=True, clamped_swiglu=(0.7, 1.702)),
+                "gelu_tanh_sentinels": dict(activation="gelu_tanh", skip_sentinel_ids=True)}
+
+
+@pytest.mark.parametrize("variant", MOE_VARIANTS)
+def test_fused_moe_variant_gradient(variant):
+    E, I = 6, 24
+    x, w13, w2, weights, ids = moe_inputs(19, E, 40, I, 2)
+    if MOE_VARIANTS[variant].get("skip_sentinel_ids"):
+        ids[0, 1], ids[5, 0] = E, E + 3
+    b13 = (torch.randn(E, 2 * I, device=DEVICE) * 0.5).requires_grad_()
+    b2 = (torch.randn(E, 40, device=DEVICE) * 0.5).requires_grad_()
+
+    def experts(api, x, w13, w2, w, ids, b13, b2):
+        return api.fused_moe(x, w13, w2, w, ids, apply_router_weight_on_input=False, gate_up_bias=b13, down_bias=b2,
+                             **MOE_VARIANTS[variant])
+
+    check_op(experts, [x, w13, w2, weights, ids, b13, b2])
+
+
 @pytest.mark.parametrize("fmt", ["int4", "fp8_channel", "fp8_block"])
 def test_quantized_experts_are_frozen_and_pass_dx(fmt):
     """dX and d(router weight) through the dequantized experts; the FP8 activation rounding of

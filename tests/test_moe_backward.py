@@ -5,8 +5,8 @@ On CPU the kernels run through the Triton interpreter: small H/I, fp16/fp32."""
 import pytest
 import torch
 from helpers import TOL, assert_close, poisoned
-from reference64 import moe64, moe64_grads
-from test_moe_kernel import make_inputs
+from reference64 import experts64, moe64, moe64_grads
+from test_moe_kernel import VARIANTS, linear_style, make_inputs, reference_kwargs, variant_kwargs
 
 from llama4_fast.kernels import fused_moe
 from llama4_fast.kernels.moe import fused_moe_backward
@@ -93,3 +93,65 @@ def test_backward_argument_errors(device):
         fused_moe_backward(x.double(), x, w13, w2, weights, ids, preact)
     with pytest.raises(ValueError, match="preact"):
         fused_moe(x, w13, w2, weights, ids, preact=torch.zeros(3, 48, device=device))
+
+
+# -- transformers' other experts: biases, activations, interleaved gate/up, gpt-oss's gate -------
+
+def check_variant(x, w13, w2, weights, ids, on_input, kw, skip_sentinel_ids=False):
+    """Forward and backward with fused_moe's options `kw` against experts64's float64 autograd;
+    returns the kernel's gradients."""
+    P = ids.numel()
+    preact = poisoned((P, w13.shape[2]), x.dtype, x.device)
+    out = fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=on_input, preact=preact,
+                    skip_sentinel_ids=skip_sentinel_ids, **kw)
+    ref_kw = reference_kwargs(kw, on_input)
+    assert_close(out, experts64(x, w13, w2, weights, ids, **ref_kw))
+    grad_out = torch.randn_like(x)
+    grads = fused_moe_backward(grad_out, x, w13, w2, weights, ids, preact, apply_router_weight_on_input=on_input,
+                               skip_sentinel_ids=skip_sentinel_ids, **kw)
+    has_bias = "gate_up_bias" in kw or "down_bias" in kw
+    assert len(grads) == (6 if has_bias else 4)
+    refs = experts64(x, w13, w2, weights, ids, grad_out=grad_out, **ref_kw)
+    names = ("dx", "d_gate_up", "d_down", "d_weights", "d_gate_up_bias", "d_down_bias")
+    likes = (x, w13, w2, weights, kw.get("gate_up_bias"), kw.get("down_bias"))
+    for name, g, ref, like in zip(names, grads, refs, likes):
+        assert g.shape == like.shape and g.dtype == like.dtype, name
+        try:
+            assert_close(g, ref, dtype=x.dtype)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+    return grads
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("T,E,top_k,dtype,on_input", [
+    (13, 4, 2, torch.float32, True),
+    (37, 4, 2, torch.float16, False),
+])
+def test_variant_backward_matches_float64_autograd(device, variant, T, E, top_k, dtype, on_input):
+    H, I = 40, 24
+    x, w13, w2, weights, ids = make_inputs(T, E, H, I, top_k, dtype, device)
+    kw = variant_kwargs(variant, E, H, I, dtype, device)
+    check_variant(x, w13, w2, weights, ids, on_input and "down_bias" not in kw, kw)
+
+
+def test_linear_style_weights_get_gradients_in_their_layout(device):
+    """nn.Linear-style experts ([E, 2I, H] / [E, H, I], passed as transposed views) with gpt-oss's
+    options: the weight gradients come back with the weights' strides, the values right."""
+    E, H, I = 4, 40, 24
+    x, w13, w2, weights, ids = make_inputs(11, E, H, I, 2, torch.float32, device)
+    w13, w2 = linear_style(w13, w2)
+    grads = check_variant(x, w13, w2, weights, ids, False, variant_kwargs("gpt_oss", E, H, I, torch.float32, device))
+    assert grads[1].stride() == w13.stride() and grads[2].stride() == w2.stride()
+
+
+def test_sentinel_ids_get_no_gradient(device):
+    """Expert-parallel sentinels (ids >= E): no contribution to dX or the weights, a zero router
+    weight gradient."""
+    E, H, I = 4, 40, 24
+    x, w13, w2, weights, ids = make_inputs(21, E, H, I, 2, torch.float32, device)
+    ids[0, 1], ids[3] = E, torch.tensor([E + 2, E])
+    kw = variant_kwargs("biases", E, H, I, torch.float32, device)
+    grads = check_variant(x, w13, w2, weights, ids, False, kw, skip_sentinel_ids=True)
+    assert grads[3][0, 1].item() == 0.0 and grads[3][3].abs().max().item() == 0.0
+    assert grads[0][3].abs().max().item() == 0.0

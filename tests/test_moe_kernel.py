@@ -8,6 +8,7 @@ On CPU the kernels run through the Triton interpreter: small H/I, fp16/fp32.
 import pytest
 import torch
 from helpers import TOL, assert_close, poisoned, rel_err
+from reference64 import experts64
 from reference64 import moe64 as ref_moe
 
 from llama4_fast.kernels import fused_moe, moe
@@ -264,3 +265,110 @@ def test_out_of_range_ids_skipped_on_gpu():
     out = poisoned(x.shape, x.dtype, "cuda")
     fused_moe(x, w13, w2, weights, ids, out=out)
     assert_close(out, ref_moe(x, w13, w2, weights, ids))
+
+
+# -- transformers' other experts: biases, activations, interleaved gate/up, gpt-oss's gate -------
+
+VARIANTS = {
+    "gelu": dict(activation="gelu"),
+    "gelu_tanh": dict(activation="gelu_tanh"),
+    "interleaved": dict(gate_up_interleaved=True),
+    "biases": dict(biases=True),
+    "gpt_oss": dict(gate_up_interleaved=True, clamped_swiglu=(0.7, 1.702), biases=True),
+}
+
+
+def variant_kwargs(variant: str, E, H, I, dtype, device) -> dict:
+    """fused_moe's keyword options for VARIANTS[variant]; biases at about the GEMMs' scale."""
+    kw = dict(VARIANTS[variant])
+    if kw.pop("biases", False):
+        kw.update(gate_up_bias=(torch.randn(E, 2 * I, device=device) * 0.5).to(dtype),
+                  down_bias=(torch.randn(E, H, device=device) * 0.5).to(dtype))
+    return kw
+
+
+def reference_kwargs(kw: dict, on_input: bool) -> dict:
+    """experts64's arguments for fused_moe's options."""
+    return dict(on_input=on_input, gate_up_bias=kw.get("gate_up_bias"), down_bias=kw.get("down_bias"),
+                activation=kw.get("activation", "silu"), interleaved=kw.get("gate_up_interleaved", False),
+                clamped_swiglu=kw.get("clamped_swiglu"))
+
+
+def linear_style(w13, w2):
+    """The same weights as transformers' nn.Linear-style experts hold them ([E, 2I, H] / [E, H, I]),
+    seen as [E, H, 2I] / [E, I, H] views."""
+    return w13.transpose(1, 2).contiguous().transpose(1, 2), w2.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# Direct (decode) and sorted paths, fp32 and fp16, the router weight on either side (biases only
+# on the output, as transformers has them), and split K on both GEMMs: a bias is added once.
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("T,E,top_k,dtype,on_input,splits", [
+    (5, 4, 2, torch.float32, False, None),
+    (40, 4, 2, torch.float16, True, None),
+    (40, 8, 1, torch.float32, False, (3, 2)),
+])
+def test_expert_variants_match_float64(device, variant, T, E, top_k, dtype, on_input, splits):
+    H, I = 40, 24
+    x, w13, w2, weights, ids = make_inputs(T, E, H, I, top_k, dtype, device)
+    kw = variant_kwargs(variant, E, H, I, dtype, device)
+    if "down_bias" in kw and on_input:
+        on_input = False
+    if splits is not None:
+        w13, w2 = linear_style(w13, w2)
+        kw["config"] = _cfg(16, *splits)
+    out = poisoned(x.shape, dtype, device)
+    fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=on_input, out=out, **kw)
+    kw.pop("config", None)
+    assert_close(out, experts64(x, w13, w2, weights, ids, **reference_kwargs(kw, on_input)))
+
+
+def test_clamped_gate_keeps_nan(device):
+    """gpt-oss's clamps propagate NaN as torch.clamp does (tl.minimum would drop it)."""
+    T, E, H, I = 12, 4, 40, 24
+    x, w13, w2, weights, ids = make_inputs(T, E, H, I, 1, torch.float32, device)
+    kw = variant_kwargs("gpt_oss", E, H, I, torch.float32, device)
+    kw["gate_up_bias"][ids[0, 0], 2] = float("nan")  # a gate column (interleaved: even) of token 0's expert
+    kw["gate_up_bias"][ids[1, 0], 5] = float("nan")  # an up column of token 1's expert
+    out = fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=False, **kw)
+    ref = experts64(x, w13, w2, weights, ids, **reference_kwargs(kw, False))
+    assert torch.equal(torch.isnan(out).cpu(), torch.isnan(ref)) and torch.isnan(out[:2]).all()
+    finite = ~torch.isnan(ref).any(dim=1)
+    assert_close(out[finite.to(device)], ref[finite])
+
+
+@pytest.mark.parametrize("T", [6, 50])
+def test_sentinel_ids_are_skipped_when_allowed(device, T):
+    """Expert-parallel sentinels (ids >= E) contribute nothing, on every device, when asked;
+    negative ids are still refused on CPU."""
+    E = 5
+    x, w13, w2, weights, ids = make_inputs(T, E, 40, 24, 2, torch.float32, device)
+    ids[0, 0], ids[1, 1], ids[2] = E, E + 7, torch.tensor([E, E + 1])
+    out = poisoned(x.shape, x.dtype, device)
+    fused_moe(x, w13, w2, weights, ids, out=out, skip_sentinel_ids=True)
+    assert_close(out, ref_moe(x, w13, w2, weights, ids))
+    assert out[2].abs().max().item() == 0.0
+    if device == "cpu":
+        with pytest.raises(ValueError, match="topk_ids"):
+            fused_moe(x, w13, w2, weights, ids)
+        with pytest.raises(ValueError, match=">= 0"):
+            fused_moe(x, w13, w2, weights, ids.masked_fill(ids == E, -1), skip_sentinel_ids=True)
+
+
+def test_rejects_bad_variant_options():
+    E, H, I = 3, 40, 24
+    x, w13, w2, weights, ids = make_inputs(4, E, H, I, 1, torch.float32, "cpu")
+    b13, b2 = torch.zeros(E, 2 * I), torch.zeros(E, H)
+    cases = [
+        (dict(gate_up_bias=b13), ValueError, "gate_up_bias"),  # the router weight on the input
+        (dict(gate_up_bias=b13[:, :-1], apply_router_weight_on_input=False), ValueError, "gate_up_bias"),
+        (dict(down_bias=b2.half(), apply_router_weight_on_input=False), TypeError, "down_bias"),
+        (dict(activation="relu"), ValueError, "activation"),
+        (dict(gate_up_interleaved=1), TypeError, "gate_up_interleaved"),
+        (dict(clamped_swiglu=7.0), TypeError, "clamped_swiglu"),
+        (dict(clamped_swiglu=(0.0, 1.0)), ValueError, "clamped_swiglu"),
+        (dict(clamped_swiglu=(7.0, 1.7), activation="gelu"), ValueError, "clamped_swiglu"),
+    ]
+    for kw, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            fused_moe(x, w13, w2, weights, ids, **kw)

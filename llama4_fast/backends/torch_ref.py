@@ -37,22 +37,41 @@ def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
     return weights, ids.to(torch.int32)
 
 
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+
+
+def _glu(gate_up, activation="silu", gate_up_interleaved=False, clamped_swiglu=None):
+    """The experts' gate on gate_up [rows, 2I]: act(gate) * up, or gpt-oss's clamped SwiGLU."""
+    inter = gate_up.shape[1] // 2
+    if gate_up_interleaved:
+        gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    else:
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+    if clamped_swiglu is None:
+        return _ACTIVATIONS[activation](gate) * up
+    limit, alpha = clamped_swiglu
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 @registry.register("fused_moe", "torch")
 def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
-              apply_router_weight_on_input=True):
+              apply_router_weight_on_input=True, gate_up_bias=None, down_bias=None, activation="silu",
+              gate_up_interleaved=False, clamped_swiglu=None, skip_sentinel_ids=False):
     if isinstance(gate_up_proj, quant.QuantWeight):
         return quant.fused_moe_ref(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
                                    apply_router_weight_on_input)
     T, H = hidden_states.shape
-    top_k = topk_ids.shape[1]
-    inter = down_proj.shape[1]
-    out = torch.zeros(T, H, dtype=torch.float32, device=hidden_states.device)
+    E, top_k = gate_up_proj.shape[0], topk_ids.shape[1]
+    acc_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+    out = torch.zeros(T, H, dtype=acc_dtype, device=hidden_states.device)
     flat_ids = topk_ids.reshape(-1).long()
     order = torch.argsort(flat_ids, stable=True)  # (token, slot) pairs grouped by expert
-    counts = torch.bincount(flat_ids, minlength=gate_up_proj.shape[0]).tolist()
-    flat_weights = topk_weights.reshape(-1).float()
+    counts = torch.bincount(flat_ids, minlength=E).tolist()
+    flat_weights = topk_weights.reshape(-1).to(acc_dtype)
     start = 0
-    for expert, n in enumerate(counts):
+    for expert, n in enumerate(counts[:E]):  # ids >= E (expert-parallel sentinels) sort last: skipped
         if n == 0:
             continue
         pairs = order[start:start + n]
@@ -61,10 +80,15 @@ def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
         x = hidden_states[rows]
         w = flat_weights[pairs, None]
         if apply_router_weight_on_input:
-            x = (x.float() * w).to(hidden_states.dtype)
+            x = (x.to(acc_dtype) * w).to(hidden_states.dtype)
         gate_up = x @ gate_up_proj[expert]
-        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = (h @ down_proj[expert]).float()
+        if gate_up_bias is not None:
+            gate_up = gate_up + gate_up_bias[expert]
+        h = _glu(gate_up, activation, gate_up_interleaved, clamped_swiglu)
+        y = h @ down_proj[expert]
+        if down_bias is not None:
+            y = y + down_bias[expert]
+        y = y.to(acc_dtype)
         if not apply_router_weight_on_input:
             y = y * w
         out.index_add_(0, rows, y)

@@ -43,16 +43,30 @@ def _(router_logits, top_k, scoring, renormalize):
             router_logits.new_empty(T, top_k, dtype=torch.int32))
 
 
+# The dense MoE ops take fused_moe's options for transformers' other experts as their last
+# arguments, (gate_up_bias, down_bias, activation, gate_up_interleaved, swiglu_limit,
+# swiglu_alpha, skip_sentinel_ids): clamped_swiglu travels as its two floats (None: not clamped).
+def _variant_kwargs(gate_up_bias, down_bias, activation, gate_up_interleaved, swiglu_limit, swiglu_alpha,
+                    skip_sentinel_ids) -> dict:
+    return dict(gate_up_bias=gate_up_bias, down_bias=down_bias, activation=activation,
+                gate_up_interleaved=gate_up_interleaved, skip_sentinel_ids=skip_sentinel_ids,
+                clamped_swiglu=None if swiglu_limit is None else (swiglu_limit, swiglu_alpha))
+
+
 @torch.library.custom_op("llama4_fast::fused_moe", mutates_args=())
 def _fused_moe(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-               apply_router_weight_on_input: bool) -> torch.Tensor:
+               topk_weights: torch.Tensor, topk_ids: torch.Tensor, apply_router_weight_on_input: bool,
+               gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, activation: str,
+               gate_up_interleaved: bool, swiglu_limit: float | None, swiglu_alpha: float | None,
+               skip_sentinel_ids: bool) -> torch.Tensor:
     return kernels.fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
-                             apply_router_weight_on_input=apply_router_weight_on_input)
+                             apply_router_weight_on_input=apply_router_weight_on_input,
+                             **_variant_kwargs(gate_up_bias, down_bias, activation, gate_up_interleaved, swiglu_limit,
+                                               swiglu_alpha, skip_sentinel_ids))
 
 
 @_fused_moe.register_fake
-def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_router_weight_on_input):
+def _(hidden_states, *args):
     return torch.empty_like(hidden_states)
 
 
@@ -150,16 +164,20 @@ _route.register_autograd(_route_backward, setup_context=_route_setup)
 
 @torch.library.custom_op("llama4_fast::fused_moe_train", mutates_args=())
 def _fused_moe_train(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                     apply_router_weight_on_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor, apply_router_weight_on_input: bool,
+                     gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, activation: str,
+                     gate_up_interleaved: bool, swiglu_limit: float | None, swiglu_alpha: float | None,
+                     skip_sentinel_ids: bool) -> tuple[torch.Tensor, torch.Tensor]:
     preact = hidden_states.new_empty(topk_ids.numel(), gate_up_proj.shape[2])
     out = kernels.fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids,
-                            apply_router_weight_on_input=apply_router_weight_on_input, preact=preact)
+                            apply_router_weight_on_input=apply_router_weight_on_input, preact=preact,
+                            **_variant_kwargs(gate_up_bias, down_bias, activation, gate_up_interleaved, swiglu_limit,
+                                              swiglu_alpha, skip_sentinel_ids))
     return out, preact
 
 
 @_fused_moe_train.register_fake
-def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, apply_router_weight_on_input):
+def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *args):
     return torch.empty_like(hidden_states), hidden_states.new_empty(topk_ids.numel(), gate_up_proj.shape[2])
 
 
@@ -185,44 +203,68 @@ def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *args):
 @torch.library.custom_op("llama4_fast::fused_moe_backward", mutates_args=())
 def _fused_moe_backward(grad_out: torch.Tensor, hidden_states: torch.Tensor, gate_up_proj: torch.Tensor,
                         down_proj: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                        preact: torch.Tensor, apply_router_weight_on_input: bool,
-                        weight_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, d13, d2, dw = kernels.moe.fused_moe_backward(
+                        preact: torch.Tensor, apply_router_weight_on_input: bool, weight_grads: bool,
+                        gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None, activation: str,
+                        gate_up_interleaved: bool, swiglu_limit: float | None, swiglu_alpha: float | None,
+                        skip_sentinel_ids: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor]:
+    grads = kernels.moe.fused_moe_backward(
         grad_out.to(hidden_states.dtype), hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, preact,
-        apply_router_weight_on_input=apply_router_weight_on_input, weight_grads=weight_grads)
-    # an op cannot return None; an empty tensor says "no weight gradient"
-    return dx, hidden_states.new_empty(0) if d13 is None else d13, hidden_states.new_empty(0) if d2 is None else d2, dw
+        apply_router_weight_on_input=apply_router_weight_on_input, weight_grads=weight_grads,
+        **_variant_kwargs(gate_up_bias, down_bias, activation, gate_up_interleaved, swiglu_limit, swiglu_alpha,
+                          skip_sentinel_ids))
+    dx, d13, d2, dw, d_b13, d_b2 = grads if len(grads) == 6 else (*grads, None, None)
+    # an op cannot return None; an empty tensor says "no gradient"
+    return dx, *(hidden_states.new_empty(0) if g is None else g for g in (d13, d2)), dw, \
+        *(hidden_states.new_empty(0) if g is None else g for g in (d_b13, d_b2))
 
 
 @_fused_moe_backward.register_fake
-def _(grad_out, hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, preact, on_input, weight_grads):
-    return (torch.empty_like(hidden_states),
-            torch.empty_like(gate_up_proj) if weight_grads else hidden_states.new_empty(0),
-            torch.empty_like(down_proj) if weight_grads else hidden_states.new_empty(0),
-            torch.empty_like(topk_weights))
+def _(grad_out, hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, preact, on_input, weight_grads,
+      gate_up_bias, down_bias, *args):
+    def like(t):
+        return torch.empty_like(t) if weight_grads and t is not None else hidden_states.new_empty(0)
+
+    return (torch.empty_like(hidden_states), like(gate_up_proj), like(down_proj), torch.empty_like(topk_weights),
+            like(gate_up_bias), like(down_bias))
 
 
 def _fused_moe_setup(ctx, inputs, output):
+    """Dense experts: inputs are _fused_moe_train's (tensors, on_input, then the variant)."""
+    hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, on_input, b13, b2 = inputs[:8]
+    ctx.on_input = on_input
+    ctx.quant = ()
+    ctx.variant = inputs[8:]  # (activation, gate_up_interleaved, swiglu_limit, swiglu_alpha, skip_sentinel_ids)
+    ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, output[1], b13, b2)
+
+
+def _fused_moe_quant_setup(ctx, inputs, output):
     hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, on_input = inputs[:6]
     ctx.on_input = on_input
-    ctx.quant = inputs[6:]  # (weight_format, scales, zeros, group_size, act_scale_ub) when quantized
+    ctx.quant = inputs[6:]  # (weight_format, scales, zeros, group_size, act_scale_ub)
     ctx.save_for_backward(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, output[1])
 
 
 def _fused_moe_grads(ctx, grad_out, grad_preact):
-    x, w13, w2, weights, ids, preact = ctx.saved_tensors
     if ctx.quant:  # frozen quantized experts: dX and dw through the dequantized weights
+        x, w13, w2, weights, ids, preact = ctx.saved_tensors
         fmt, s13, s2, z13, z2, group_size, ub = ctx.quant
         w13 = from_kernel_args(w13, fmt, s13, z13, group_size, ub).dequantize(x.dtype)
         w2 = from_kernel_args(w2, fmt, s2, z2, group_size, ub).dequantize(x.dtype)
-    weight_grads = not ctx.quant and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-    dx, d13, d2, dw = _fused_moe_backward(grad_out, x, w13, w2, weights, ids, preact, ctx.on_input, weight_grads)
-    grads = (dx, d13 if weight_grads else None, d2 if weight_grads else None, dw, None, None)
-    return grads + (None,) * len(ctx.quant)
+        dx, _, _, dw, _, _ = _fused_moe_backward(grad_out, x, w13, w2, weights, ids, preact, ctx.on_input, False,
+                                                 None, None, "silu", False, None, None, False)
+        return (dx, None, None, dw, None, None) + (None,) * len(ctx.quant)
+    x, w13, w2, weights, ids, preact, b13, b2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    weight_grads = need[1] or need[2] or need[6] or need[7]
+    dx, d13, d2, dw, d_b13, d_b2 = _fused_moe_backward(grad_out, x, w13, w2, weights, ids, preact, ctx.on_input,
+                                                       weight_grads, b13, b2, *ctx.variant)
+    return (dx, d13 if need[1] else None, d2 if need[2] else None, dw, None, None,
+            d_b13 if need[6] else None, d_b2 if need[7] else None) + (None,) * len(ctx.variant)
 
 
 _fused_moe_train.register_autograd(_fused_moe_grads, setup_context=_fused_moe_setup)
-_fused_moe_train_quant.register_autograd(_fused_moe_grads, setup_context=_fused_moe_setup)
+_fused_moe_train_quant.register_autograd(_fused_moe_grads, setup_context=_fused_moe_quant_setup)
 
 
 @torch.library.custom_op("llama4_fast::attention_train", mutates_args=())
@@ -296,7 +338,9 @@ def route(router_logits, top_k, scoring="sigmoid", renormalize=False):
     return _route(router_logits, top_k, scoring, renormalize)
 
 
-def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *, apply_router_weight_on_input=True):
+def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *, apply_router_weight_on_input=True,
+              gate_up_bias=None, down_bias=None, activation="silu", gate_up_interleaved=False, clamped_swiglu=None,
+              skip_sentinel_ids=False):
     on_input = apply_router_weight_on_input
     if isinstance(gate_up_proj, QuantWeight):
         kw = expert_kernel_args(gate_up_proj, down_proj)
@@ -306,9 +350,12 @@ def fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *,
         if _needs_grad(hidden_states, topk_weights):
             return _fused_moe_train_quant(*args)[0]
         return _fused_moe_quant(*args)
-    if _needs_grad(hidden_states, gate_up_proj, down_proj, topk_weights):
-        return _fused_moe_train(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, on_input)[0]
-    return _fused_moe(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, on_input)
+    limit, alpha = (None, None) if clamped_swiglu is None else clamped_swiglu
+    args = (hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, on_input, gate_up_bias, down_bias,
+            activation, gate_up_interleaved, limit, alpha, skip_sentinel_ids)
+    if _needs_grad(hidden_states, gate_up_proj, down_proj, topk_weights, gate_up_bias, down_bias):
+        return _fused_moe_train(*args)[0]
+    return _fused_moe(*args)
 
 
 def quant_linear(x, weight):
@@ -387,7 +434,9 @@ def _tensors(w) -> tuple[torch.Tensor, ...]:
 registry.register("route", "triton", route, priority=PRIORITY,
                   supports=lambda logits, *a, **kw: _supported(logits))
 registry.register("fused_moe", "triton", fused_moe, priority=PRIORITY,
-                  supports=lambda x, w13, w2, w, ids, **kw: _supported(x, *_tensors(w13), *_tensors(w2), w, ids))
+                  supports=lambda x, w13, w2, w, ids, gate_up_bias=None, down_bias=None, **kw: _supported(
+                      x, *_tensors(w13), *_tensors(w2), w, ids,
+                      *(b for b in (gate_up_bias, down_bias) if b is not None)))
 registry.register("attention", "triton", attention, priority=PRIORITY,
                   supports=lambda q, k, v, **kw: _supported(q, k, v) and kernels.attention.supports_head_dim(q.shape[-1]))
 registry.register("qk_prologue", "triton", qk_prologue, priority=PRIORITY,
