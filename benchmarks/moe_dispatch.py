@@ -15,7 +15,19 @@ actually touched (distinct experts x expert size) plus activations in/out, and t
 measured at the start of the run. Writes benchmarks/results/moe_dispatch-<gpu>-<time>.json,
 a PNG beside it and a markdown table per shape.
 
-    python benchmarks/moe_dispatch.py                      # the full run (~4 min on an H100)
+transformers' other MoE models (--shapes qwen3-30b-a3b qwen3-235b-a22b mixtral-8x7b gpt-oss-120b
+deepseek-v3; top_k > 1, bf16) run their experts module three ways, each starting from the router
+logits (softmax over the experts, top-k, renormalized, as Mixtral and Qwen3 route):
+  ours        llama4_fast.kernels.route + experts_implementation="llama4_fast"'s forward
+              (llama4_fast.experts: the adapter, then fused_moe on the weights in place)
+  grouped_mm  transformers' grouped_mm experts forward (its default), torch routing
+  batched_mm  transformers' batched_mm experts forward, torch routing
+on the same module and weights (nn.Linear-style SwiGLU experts; gpt-oss's own module, with its
+biases, interleaved gate/up and clamped gate). Every answer is checked against the module's
+eager forward on the same routing; peak memory above the inputs is recorded per method.
+
+    python benchmarks/moe_dispatch.py                      # Llama 4's shapes (~4 min on an H100)
+    python benchmarks/moe_dispatch.py --shapes qwen3-30b-a3b mixtral-8x7b --tokens 1 64 4096
     python benchmarks/moe_dispatch.py --shapes maverick-tp8 --tokens 1 8 64
     python benchmarks/moe_dispatch.py --quick              # toy sizes; runs on CPU (interpreter)
     python benchmarks/moe_dispatch.py --weights int4       # ours with INT4 experts (group 128)
@@ -70,6 +82,29 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 SHARED_TOKENS = [1, 8, 64, 512, 4096]
 QUICK_SHAPES = {"toy": (4, 64, 32)}
 QUICK_TOKENS = [1, 8, 33]
+# transformers' MoE models: name -> (E, H, I, top_k, experts module), from their public configs:
+#   Qwen3-30B-A3B: hidden 2048, moe_intermediate_size 768, 128 experts, 8 per token
+#     (huggingface.co/Qwen/Qwen3-30B-A3B model card; gitcode.com/Ascend/MindSpeed-RL
+#     configs/model/qwen3_30b_a3b.yaml)
+#   Qwen3-235B-A22B: 4096, 1536, 128, 8 (MindSpeed-RL configs/model/qwen3_235b_a22b.yaml)
+#   Mixtral-8x7B: 4096, 14336, 8, 2 (huggingface.co/mistralai/Mixtral-8x7B-Instruct-v0.1 config.json)
+#   gpt-oss-120b: 2880, 2880, 128, 4 (openai/gpt-oss-120b original/config.json; transformers'
+#     GptOss docs: "routes each token to 4 of 128 experts")
+#   DeepSeek-V3: 7168, 2048, 256 routed experts, 8 per token (deepseek-ai/DeepSeek-V3
+#     inference/configs/config_671B.json; its group-limited sigmoid routing picks other
+#     experts, not other work: the routing here is the same softmax top-k for every shape)
+# "swiglu": transformers' MixtralExperts, the layout and math of the Qwen3 and DeepSeek experts
+# too ([E, 2I, H] / [E, H, I], silu); "gpt_oss": GptOssExperts.
+HF_SHAPES = {
+    "qwen3-30b-a3b": (128, 2048, 768, 8, "swiglu"),
+    "qwen3-235b-a22b": (128, 4096, 1536, 8, "swiglu"),
+    "mixtral-8x7b": (8, 4096, 14336, 2, "swiglu"),
+    "gpt-oss-120b": (128, 2880, 2880, 4, "gpt_oss"),
+    "deepseek-v3": (256, 7168, 2048, 8, "swiglu"),
+}
+QUICK_HF_SHAPES = {"toy-top2": (4, 64, 32, 2, "swiglu"), "toy-gpt-oss": (8, 64, 32, 4, "gpt_oss")}
+QUICK_HF_TOKENS = [1, 33]
+HF_BASELINES = ("grouped_mm", "batched_mm")
 TOP_K = 1
 GRAPH_MAX_T = 64  # decode sizes: also time ours replayed from a CUDA graph
 # CUDA-event timing per case (medians): short, so the full run fits its ~4 minute budget; the
@@ -162,6 +197,71 @@ def shared_mlp(x, wg_u, wd):
     """A plain SwiGLU MLP (the shared expert): wg_u [H, 2I] (gate then up), wd [I, H]."""
     gate, up = (x @ wg_u).chunk(2, dim=-1)
     return (F.silu(gate) * up) @ wd
+
+
+# -- transformers' MoE models: (module, x [T, H], router logits [T, E], top_k) -> [T, H] --------
+
+def hf_experts_module(kind: str, E: int, H: int, I: int, top_k: int, dtype, dev):
+    """transformers' experts module of `kind` with random weights (0.02 scale, biases 0.1) in
+    dtype on dev, frozen; built on the meta device first, so no float32 copy is ever made."""
+    import transformers
+
+    with torch.device("meta"):
+        if kind == "gpt_oss":
+            from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+            config = transformers.GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                               num_experts_per_tok=top_k)
+            module = GptOssExperts(config)
+        else:
+            from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+            config = transformers.MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                                num_experts_per_tok=top_k)
+            module = MixtralExperts(config)
+    gen = torch.Generator(device=dev).manual_seed(SEED)
+    for name, p in list(module.named_parameters()):
+        w = torch.randn(p.shape, device=dev, dtype=dtype, generator=gen).mul_(0.1 if name.endswith("bias") else 0.02)
+        setattr(module, name, torch.nn.Parameter(w, requires_grad=False))
+    return module
+
+
+def hf_router(logits, top_k):
+    """Mixtral's / Qwen3's router in torch: softmax over the experts in fp32, top-k, renormalized."""
+    weights, ids = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    return (weights / weights.sum(dim=-1, keepdim=True)).to(logits.dtype), ids
+
+
+def hf_ours(module, x, logits, top_k):
+    from llama4_fast.experts import experts_forward
+
+    weights, ids = route(logits, top_k, "softmax", renormalize=True)
+    return experts_forward(module, x, ids, weights)
+
+
+def hf_baseline(name: str):
+    """transformers' `name` experts forward behind the torch router."""
+    from transformers.integrations import moe as hf_moe
+
+    forward = {"grouped_mm": hf_moe.grouped_mm_experts_forward, "batched_mm": hf_moe.batched_mm_experts_forward}[name]
+
+    def run(module, x, logits, top_k):
+        weights, ids = hf_router(logits, top_k)
+        return forward(module, x, ids, weights)
+    return run
+
+
+def hf_eager(module, x, ids, weights):
+    """The experts module's own (eager) forward, which `@use_experts_implementation` wraps."""
+    return type(module).forward.__wrapped__(module, x, ids, weights)
+
+
+def hf_available() -> str | None:
+    try:
+        from transformers.integrations import moe as hf_moe
+    except ImportError as e:
+        return f"transformers is not installed ({e})"
+    if not hasattr(hf_moe, "ExpertsInterface"):
+        return "this transformers has no ExpertsInterface (transformers >= 5 needed)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +445,87 @@ def bench_shared(T, E, H, I, w13, w2, dtype, dev, ceilings, quant=None):
     return row
 
 
+def _peak_mb(fn, dev) -> float | None:
+    """Memory one call of fn allocates above what was allocated before it (CUDA), in MB."""
+    if dev != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+@torch.no_grad()
+def bench_hf_case(T, E, H, I, top_k, module, dtype, dev, ceilings, args):
+    """One batch size of a transformers MoE shape: ours and transformers' experts forwards,
+    each from the router logits; returns one result row."""
+    from llama4_fast.experts import experts_forward
+
+    elem = dtype.itemsize
+    expert_bytes = sum(p[0].numel() for p in module.parameters()) * elem
+    gen = torch.Generator(device=dev).manual_seed(SEED + T)
+
+    def make_set():
+        return (torch.randn(T, H, device=dev, dtype=dtype, generator=gen),
+                torch.randn(T, E, device=dev, dtype=dtype, generator=gen))
+
+    expected_touched = E * (1 - (1 - 1 / E) ** (T * top_k))
+    nxt = rotating(make_set, int(expected_touched * expert_bytes + 2 * T * H * elem))
+    first = nxt()
+    sets = [first]
+    while (s := nxt()) is not first:
+        sets.append(s)
+    touched = sum(torch.topk(lg, top_k, dim=-1).indices.unique().numel() for _, lg in sets) / len(sets)
+    bytes_moved = touched * expert_bytes + T * (2 * H + E) * elem
+    flops = 2 * T * top_k * H * 3 * I
+    row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}, "disagrees": {},
+           "roofline_us": roofline(1.0, bytes_moved, flops, ceilings)["roofline_us"]}
+    impls = {"ours": hf_ours, **{name: hf_baseline(name) for name in HF_BASELINES}}
+
+    # Answers on the first set, all on the torch router's choice (ours routes with its own kernel,
+    # which ties may break differently), against the module's eager forward.
+    x0, lg0 = sets[0]
+    weights0, ids0 = hf_router(lg0, top_k)
+    ref = hf_eager(module, x0, ids0, weights0)
+    answers = {"ours": lambda: experts_forward(module, x0, ids0, weights0)}
+    answers.update({name: lambda f=impls[name]: f(module, x0, lg0, top_k) for name in HF_BASELINES})
+    t_ours = None
+    for name in impls:
+        try:
+            err = rel_err(answers[name](), ref)
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the run
+            row["errors"][name] = f"{type(e).__name__}: {e}"
+            print(f"    {name} failed at T={T}: {row['errors'][name]}", flush=True)
+            continue
+        row[f"{name}_rel_err"] = err
+        if name == "ours" and (wrong := wrong_answer(err)):
+            row["errors"]["ours"] = wrong
+            continue
+        if name != "ours" and (flag := disagreement(err, "the eager experts")):
+            row["disagrees"][name] = flag
+        fn = impls[name]
+        cyc = itertools.cycle(sets)
+        try:
+            t = time_us(lambda: fn(module, *next(cyc), top_k), warmup_ms=WARMUP_MS, rep_ms=REP_MS)
+            row[f"{name}_peak_mb"] = _peak_mb(lambda: fn(module, x0, lg0, top_k), dev)
+        except Exception as e:  # noqa: BLE001
+            row["errors"][name] = f"{type(e).__name__}: {e}"
+            continue
+        row[f"{name}_us"] = t
+        if name == "ours":
+            t_ours = t
+            row.update({f"ours_{k}": v for k, v in roofline(t, bytes_moved, flops, ceilings).items()})
+        else:
+            row[f"{name}_pct_roofline"] = roofline(t, bytes_moved, flops, ceilings)["pct_roofline"]
+            if t_ours is not None:
+                row[f"speedup_vs_{name}"] = t / t_ours
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +539,14 @@ COLUMNS = [
     ("loop_us", "loop us", ".1f"), ("grouped_mm_us", "grouped_mm us", ".1f"), ("speedup_vs_dense", "x dense", ".2f"),
     ("speedup_vs_loop", "x loop", ".2f"), ("speedup_vs_grouped_mm", "x grouped_mm", ".2f"),
     ("disagrees", "disagrees", ""),
+]
+HF_COLUMNS = [
+    ("T", "T", ""), ("experts_touched", "experts", ".1f"), ("roofline_us", "floor us", ".1f"),
+    ("ours_us", "ours us", ".1f"), ("ours_tbps", "TB/s", ".2f"), ("ours_pct_roofline", "% roof", ".1f"),
+    ("ours_rel_err", "err vs eager", ".1e"), ("grouped_mm_us", "grouped_mm us", ".1f"),
+    ("batched_mm_us", "batched_mm us", ".1f"), ("speedup_vs_grouped_mm", "x grouped_mm", ".2f"),
+    ("speedup_vs_batched_mm", "x batched_mm", ".2f"), ("ours_peak_mb", "ours MB", ".1f"),
+    ("grouped_mm_peak_mb", "grouped_mm MB", ".1f"), ("disagrees", "disagrees", ""),
 ]
 SHARED_COLUMNS = [
     ("T", "T", ""), ("experts_touched", "experts", ""), ("shared_only_us", "shared MLP us", ".1f"),
@@ -382,7 +571,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.4 * len(shapes)), squeeze=False)
     for (ax_pct, ax_x), shape in zip(axes, shapes):
         rows = shape["rows"]
-        for color, name in enumerate(("ours", "ours_graph") + BASELINES):  # one color per method
+        for color, name in enumerate(("ours", "ours_graph") + BASELINES + ("batched_mm",)):  # a color per method
             key = f"{name}_pct_roofline"
             pts = [(r["T"], r[key]) for r in rows if key in r]
             if pts:
@@ -419,7 +608,8 @@ def main(argv=None):
     """Returns the exit status (common.exit_status): 1 when ours failed or gave a wrong answer."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="toy sizes (CPU-runnable through the Triton interpreter)")
-    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES) + sorted(QUICK_SHAPES), help="shapes to run")
+    p.add_argument("--shapes", nargs="+", help="shapes to run: " + ", ".join([*SHAPES, *HF_SHAPES]),
+                   choices=[*SHAPES, *QUICK_SHAPES, *HF_SHAPES, *QUICK_HF_SHAPES])
     p.add_argument("--tokens", nargs="+", type=int, help="batch sizes T")
     p.add_argument("--max-baseline-ms", type=float, default=100.0,
                    help="skip a baseline case whose estimated time exceeds this (printed as '-')")
@@ -432,7 +622,8 @@ def main(argv=None):
     dev = device()
     dtype = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter has no bf16 dot
     shape_table = {**SHAPES, **QUICK_SHAPES}
-    names = args.shapes or (list(QUICK_SHAPES) if args.quick else list(SHAPES))
+    quick_names = list(QUICK_SHAPES) + (list(QUICK_HF_SHAPES) if args.weights == "bf16" else [])
+    names = args.shapes or (quick_names if args.quick else list(SHAPES))
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
     ceilings = measure_ceilings(quick=args.quick)
     if args.weights == "fp8":
@@ -447,6 +638,9 @@ def main(argv=None):
                "max_baseline_ms": args.max_baseline_ms, "shapes": []}
     path = None
     for name in names:
+        if name not in shape_table:  # a transformers MoE shape
+            path = run_hf_shape(name, results, path, dev, dtype, ceilings, args)
+            continue
         E, H, I = shape_table[name]
         print(f"\n## {name}: E={E}, H={H}, I={I}, top-{TOP_K}, {str(dtype).replace('torch.', '')}, "
               f"ours with {args.weights} experts", flush=True)
@@ -481,6 +675,40 @@ def main(argv=None):
         plot(results, path.with_suffix(".png"))
     print(f"\nresults: {path}")
     return exit_status(run_verdict(results))
+
+
+def run_hf_shape(name, results, path, dev, dtype, ceilings, args):
+    """Every batch size of one transformers MoE shape (ours on bf16 experts only); returns the
+    results file, rewritten with this shape."""
+    E, H, I, top_k, kind = {**HF_SHAPES, **QUICK_HF_SHAPES}[name]
+    shape = {"name": name, "E": E, "H": H, "I": I, "top_k": top_k, "experts": kind, "rows": [], "shared_rows": []}
+    print(f"\n## {name}: E={E}, H={H}, I={I}, top-{top_k}, {kind} experts, {str(dtype).replace('torch.', '')}",
+          flush=True)
+    reason = hf_available() or (f"--weights {args.weights}: transformers' shapes run bf16 experts only"
+                                if args.weights != "bf16" else None)
+    if reason:
+        print(f"  skipped: {reason}")
+        return path
+    import llama4_fast
+
+    llama4_fast.register_experts()
+    results["shapes"].append(shape)
+    module = hf_experts_module(kind, E, H, I, top_k, dtype, dev)
+    tokens = args.tokens or (QUICK_HF_TOKENS if args.quick else TOKENS)
+    for T in tokens:
+        row = bench_hf_case(T, E, H, I, top_k, module, dtype, dev, ceilings, args)
+        shape["rows"].append(row)
+        print(f"  T={T}: ours {row.get('ours_us', float('nan')):.1f} us, grouped_mm "
+              f"{row.get('grouped_mm_us', float('nan')):.1f} us", flush=True)
+    print()
+    print(markdown_table(shape["rows"], HF_COLUMNS))
+    del module
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    results["verdict"] = run_verdict(results)
+    path = rewrite_results("moe_dispatch" if args.weights == "bf16" else f"moe_dispatch_{args.weights}", results, path)
+    plot(results, path.with_suffix(".png"))
+    return path
 
 
 if __name__ == "__main__":

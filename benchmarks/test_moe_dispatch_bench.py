@@ -54,3 +54,40 @@ def test_moe_layer(benchmark, experts, impl, T):
     out = benchmark(_synced(IMPLS[impl], x, logits, w13, w2))
     assert out.shape == (T, H)
     assert rel_err(out, moe_dispatch.loop(x, logits, w13, w2)) <= WRONG_REL_ERR
+
+
+# transformers' MoE models through their experts interface: ours vs transformers' grouped_mm
+HF_SHAPES = ["qwen3-30b-a3b", "gpt-oss-120b"] if ON_GPU else ["toy-top2", "toy-gpt-oss"]
+HF_TOKENS = [1, 64] if ON_GPU else [1, 33]
+
+
+@pytest.fixture(scope="module", params=HF_SHAPES)
+def hf_experts(request):
+    if reason := moe_dispatch.hf_available():
+        pytest.skip(reason)
+    import llama4_fast
+
+    llama4_fast.register_experts()
+    E, H, I, top_k, kind = {**moe_dispatch.HF_SHAPES, **moe_dispatch.QUICK_HF_SHAPES}[request.param]
+    module = moe_dispatch.hf_experts_module(kind, E, H, I, top_k, DTYPE, DEV)
+    yield module, top_k
+    del module
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("impl", ["ours", "grouped_mm"])
+@pytest.mark.parametrize("T", HF_TOKENS)
+@torch.no_grad()
+def test_hf_experts(benchmark, hf_experts, impl, T):
+    module, top_k = hf_experts
+    E, H = module.gate_up_proj.shape[0], module.down_proj.shape[-1 if module.is_transposed else 1]
+    gen = torch.Generator(device=DEV).manual_seed(T)
+    x = torch.randn(T, H, device=DEV, dtype=DTYPE, generator=gen)
+    logits = torch.randn(T, E, device=DEV, dtype=DTYPE, generator=gen)
+    fn = moe_dispatch.hf_ours if impl == "ours" else moe_dispatch.hf_baseline(impl)
+    benchmark.extra_info.update(E=E, H=H, T=T, top_k=top_k, impl=impl)
+    out = benchmark(_synced(fn, module, x, logits, top_k))
+    weights, ids = moe_dispatch.hf_router(logits, top_k)
+    assert out.shape == (T, H)
+    assert rel_err(out, moe_dispatch.hf_eager(module, x, ids, weights)) <= WRONG_REL_ERR
