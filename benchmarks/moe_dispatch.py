@@ -70,7 +70,7 @@ from llama4_fast.kernels import fused_moe, route  # noqa: E402
 from llama4_fast.kernels.moe import launch_config  # noqa: E402
 from llama4_fast.kernels.routing import dispatch_metadata  # noqa: E402
 from llama4_fast.quant import expert_kernel_args  # noqa: E402
-from llama4_fast.quant_model import quantize_weight  # noqa: E402
+from llama4_fast.quant import quantize_weight  # noqa: E402
 
 SHAPES = {  # name: (E, H, I)
     "scout": (16, 5120, 8192),
