@@ -66,6 +66,7 @@ QUANT = ("tests/test_quant_matmul.py", "tests/test_quant_moe.py")
 ATTENTION = ("tests/test_attention_kernel.py",)
 PROLOGUE = ("tests/test_qk_prologue.py",)
 MOE_BACKWARD = ("tests/test_moe_backward.py",)
+EXPERTS = ("tests/test_moe_kernel.py", "tests/test_moe_backward.py")
 ATTENTION_BACKWARD = ("tests/test_attention_backward.py",)
 
 MUTANTS = [
@@ -122,6 +123,16 @@ MUTANTS = [
            "a = tl.load(a_ptr + (pairs // A_ROW_DIV)[:, None] * stride_am",
            "a = tl.load(a_ptr + pairs[:, None] * stride_am", MOE_BACKWARD,
            "gate_up weight gradient reads x by pair instead of by token: wrong rows for top_k > 1"),
+    # -- transformers' other experts (experts_implementation="llama4_fast") ------------------------------
+    Mutant("moe-bias-every-split", "kernels/moe.py",
+           "use_bias = valid_expert & (pid_s == 0)", "use_bias = valid_expert", EXPERTS,
+           "split-K adds the bias once per split instead of once"),
+    Mutant("moe-interleaved-up-column", "kernels/moe.py",
+           "        up_shift = 1\n", "        up_shift = N\n", EXPERTS,
+           "interleaved gate/up (gpt-oss) read as concatenated: up taken from the wrong columns"),
+    Mutant("moe-bwd-down-bias-router-grad", "kernels/moe.py",
+           "            d_w += d_w_bias", "            d_w += 0.0 * d_w_bias", MOE_BACKWARD,
+           "router-weight gradient without dOut . b2 when the down projection has a bias"),
     # -- attention backward ----------------------------------------------------------------------------
     Mutant("attention-bwd-delta", "kernels/attention.py",
            "ds_t = tl.where(visible, p_t * (dp_t - delta[None, :]), 0.0)",
