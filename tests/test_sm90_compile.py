@@ -23,6 +23,19 @@ import torch
 FORMATS = {"fp8_rowwise": 1, "fp8_block": 2, "int4_sym": 3, "int4_asym": 4}
 
 
+def compiled_in_subprocess(*which: str) -> dict:
+    """This file's compile step `which` (none: compile_all) run in a Python without the
+    interpreter, its JSON result; skips where this triton has no sm90 toolchain. Fusion of
+    floating-point multiply-adds stays on, the default a GPU launch compiles with."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    run = subprocess.run([sys.executable, __file__, *which], env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode != 0 and ("ptxas" in run.stderr or "cuobjdump" in run.stderr):
+        pytest.skip(f"this triton cannot compile for sm90 here: {run.stderr[-300:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def _pointers(code: int, a: str, w: str, c: str, s: str, z: str, a_s: str) -> dict:
     fp8 = code <= 2
     return {a: "*fp8e4nv" if fp8 else "*bf16", w: "*fp8e4nv" if fp8 else "*u8", c: "*bf16",
@@ -65,12 +78,7 @@ def compile_all() -> dict:
 
 
 def test_quantized_kernels_compile_for_sm90_with_wgmma():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    if run.returncode != 0 and "ptxas" in run.stderr:
-        pytest.skip(f"this triton cannot compile for sm90 here: {run.stderr[-300:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = compiled_in_subprocess()
     assert len(results) == 6
     for name, r in results.items():
         assert r["wgmma"], f"{name}: no wgmma in the sm90 PTX"
@@ -123,14 +131,7 @@ def compile_attention_backward() -> dict:
 
 
 def test_attention_backward_compiles_for_sm90_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, __file__, "attention_backward"], env=env, capture_output=True, text=True,
-                         timeout=300)
-    if run.returncode != 0 and ("ptxas" in run.stderr or "cuobjdump" in run.stderr):
-        pytest.skip(f"this triton cannot compile for sm90 here: {run.stderr[-300:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = compiled_in_subprocess("attention_backward")
     assert len(results) == 8
     for name, r in results.items():
         assert r["stack"] == 0, f"{name}: register spills ({r})"
@@ -220,13 +221,7 @@ def compile_moe_training() -> dict:
 def test_moe_training_and_variant_kernels_compile_for_sm90():
     """Compiled, with wgmma; spills are reported, not failed on: these tiles are the heuristic's
     (not measured), and a GPU run decides them."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, __file__, "moe_training"], env=env, capture_output=True, text=True,
-                         timeout=300)
-    if run.returncode != 0 and ("ptxas" in run.stderr or "cuobjdump" in run.stderr):
-        pytest.skip(f"this triton cannot compile for sm90 here: {run.stderr[-300:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+    results = compiled_in_subprocess("moe_training")
     assert len(results) == 5
     for name, r in results.items():
         assert r["wgmma"], f"{name}: no wgmma in the sm90 PTX ({r})"
