@@ -286,6 +286,28 @@ def _dense_temp_bytes(T, E, H, I, elem):
     return E * T * (2 * H + 3 * I) * elem
 
 
+def input_sets(T, E, H, I, top_k, expert_bytes, dtype, dev):
+    """The (x [T, H], router logits [T, E]) sets a case rotates through, enough of them that
+    their experts (expert_bytes each, the experts a set's routing touches) overflow L2; with
+    the experts touched per set (mean), the bytes a call must move and its useful FLOPs."""
+    elem = dtype.itemsize
+    gen = torch.Generator(device=dev).manual_seed(SEED + T)
+
+    def make_set():
+        return (torch.randn(T, H, device=dev, dtype=dtype, generator=gen),
+                torch.randn(T, E, device=dev, dtype=dtype, generator=gen))
+
+    expected_touched = E * (1 - (1 - 1 / E) ** (T * top_k))
+    nxt = rotating(make_set, int(expected_touched * expert_bytes + 2 * T * H * elem))
+    first = nxt()
+    sets = [first]
+    while (s := nxt()) is not first:
+        sets.append(s)
+    touched = sum(torch.topk(lg, top_k, dim=-1).indices.unique().numel() for _, lg in sets) / len(sets)
+    bytes_moved = touched * expert_bytes + T * (2 * H + E) * elem
+    return sets, touched, bytes_moved, 2 * T * top_k * H * 3 * I
+
+
 def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quant=None):
     """Time every implementation at one batch size; returns one result row. quant: None, or
     quantized_experts(...) for ours (the baselines keep the bf16 w13, w2)."""
@@ -293,22 +315,7 @@ def bench_case(T, E, H, I, w13, w2, dtype, dev, ceilings, args, gmm_reason, quan
     ours_w13, ours_w2, ours_kw = (w13, w2, None) if quant is None else (quant[0].tensors()[0], quant[1].tensors()[0],
                                                                           quant[2])
     expert_bytes = 3 * H * I * elem if quant is None else quant[3]
-    gen = torch.Generator(device=dev).manual_seed(SEED + T)
-
-    def make_set():
-        x = torch.randn(T, H, device=dev, dtype=dtype, generator=gen)
-        logits = torch.randn(T, E, device=dev, dtype=dtype, generator=gen)
-        return x, logits
-
-    expected_touched = E * (1 - (1 - 1 / E) ** (T * TOP_K))
-    nxt = rotating(make_set, int(expected_touched * expert_bytes + 2 * T * H * elem))
-    first = nxt()
-    sets = [first]
-    while (s := nxt()) is not first:
-        sets.append(s)
-    touched = sum(torch.topk(lg, TOP_K, dim=-1).indices.unique().numel() for _, lg in sets) / len(sets)
-    bytes_moved = touched * expert_bytes + T * (2 * H + E) * elem
-    flops = 2 * T * TOP_K * H * 3 * I
+    sets, touched, bytes_moved, flops = input_sets(T, E, H, I, TOP_K, expert_bytes, dtype, dev)
     row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}, "disagrees": {}}
     # The baselines read the bf16 experts: their floor is the bf16 one, whatever ours reads.
     base_bytes = touched * 3 * H * I * elem + T * (2 * H + E) * elem
@@ -465,21 +472,7 @@ def bench_hf_case(T, E, H, I, top_k, module, dtype, dev, ceilings, args):
 
     elem = dtype.itemsize
     expert_bytes = sum(p[0].numel() for p in module.parameters()) * elem
-    gen = torch.Generator(device=dev).manual_seed(SEED + T)
-
-    def make_set():
-        return (torch.randn(T, H, device=dev, dtype=dtype, generator=gen),
-                torch.randn(T, E, device=dev, dtype=dtype, generator=gen))
-
-    expected_touched = E * (1 - (1 - 1 / E) ** (T * top_k))
-    nxt = rotating(make_set, int(expected_touched * expert_bytes + 2 * T * H * elem))
-    first = nxt()
-    sets = [first]
-    while (s := nxt()) is not first:
-        sets.append(s)
-    touched = sum(torch.topk(lg, top_k, dim=-1).indices.unique().numel() for _, lg in sets) / len(sets)
-    bytes_moved = touched * expert_bytes + T * (2 * H + E) * elem
-    flops = 2 * T * top_k * H * 3 * I
+    sets, touched, bytes_moved, flops = input_sets(T, E, H, I, top_k, expert_bytes, dtype, dev)
     row = {"T": T, "experts_touched": touched, "bytes": bytes_moved, "flops": flops, "errors": {}, "disagrees": {},
            "roofline_us": roofline(1.0, bytes_moved, flops, ceilings)["roofline_us"]}
     impls = {"ours": hf_ours, **{name: hf_baseline(name) for name in HF_BASELINES}}
