@@ -176,9 +176,12 @@ def _fused_moe_train(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, do
     return out, preact
 
 
-@_fused_moe_train.register_fake
-def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *args):
+def _fused_moe_train_fake(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *args):
+    """(out, preact) of both training forwards: gate_up_proj's last dim is 2I in every format."""
     return torch.empty_like(hidden_states), hidden_states.new_empty(topk_ids.numel(), gate_up_proj.shape[2])
+
+
+_fused_moe_train.register_fake(_fused_moe_train_fake)
 
 
 @torch.library.custom_op("llama4_fast::fused_moe_train_quant", mutates_args=())
@@ -195,9 +198,7 @@ def _fused_moe_train_quant(hidden_states: torch.Tensor, gate_up_proj: torch.Tens
     return out, preact
 
 
-@_fused_moe_train_quant.register_fake
-def _(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids, *args):
-    return torch.empty_like(hidden_states), hidden_states.new_empty(topk_ids.numel(), gate_up_proj.shape[2])
+_fused_moe_train_quant.register_fake(_fused_moe_train_fake)
 
 
 @torch.library.custom_op("llama4_fast::fused_moe_backward", mutates_args=())
