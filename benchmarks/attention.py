@@ -53,6 +53,7 @@ if not torch.cuda.is_available():  # run the kernels through the interpreter, be
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
+from common import Flex  # noqa: E402
 from llama4_fast import registry  # noqa: E402
 from llama4_fast.backends import sdpa as sdpa_backend  # noqa: E402
 from llama4_fast.kernels import chunked_attention  # noqa: E402
@@ -169,33 +170,6 @@ def run_case(label: str, fn, inputs, budget: common.Budget, probe: tuple, check)
         return {"us": common.time_us(lambda: fn(*inputs())), **entry}
     except Exception as e:  # noqa: BLE001 - a failing baseline must not stop the run
         return _failure(label, e)
-
-
-class Flex:
-    """flex_attention compiled once (dynamic shapes) plus the block masks transformers builds.
-    `why` says why it is unavailable, if it is."""
-
-    def __init__(self, device: str):
-        self.why = None
-        self.compiled = device == "cuda"
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as e:
-            self.why = f"flex_attention unavailable: {e}"
-            return
-        self.create_block_mask = create_block_mask
-        # On CPU (quick runs) eager flex: compiling with the C++ inductor would dominate the run.
-        self.attn = torch.compile(flex_attention, dynamic=True) if self.compiled else flex_attention
-
-    def block_mask(self, S: int, chunk: int | None, device: str):
-        def causal(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx
-
-        def chunked_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (kv_idx // chunk == q_idx // chunk)
-
-        return self.create_block_mask(causal if chunk is None else chunked_causal, None, None, S, S,
-                                      device=device, _compile=self.compiled)
 
 
 def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:

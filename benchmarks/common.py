@@ -137,6 +137,33 @@ class Budget:
         return self.left() <= 0
 
 
+class Flex:
+    """flex_attention compiled once on a GPU (dynamic shapes), eager on CPU (compiling with the
+    C++ inductor would dominate a quick run), and the causal / chunked-causal block masks
+    transformers builds for it. `why` says why it is unavailable, if it is."""
+
+    def __init__(self, device: str):
+        self.why = None
+        self.compiled = device == "cuda"
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError as e:
+            self.why = f"unavailable: flex_attention does not import ({e})"
+            return
+        self.create_block_mask = create_block_mask
+        self.attn = torch.compile(flex_attention, dynamic=True) if self.compiled else flex_attention
+
+    def block_mask(self, S: int, chunk: int | None, device: str):
+        def causal(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx
+
+        def chunked_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (kv_idx // chunk == q_idx // chunk)
+
+        return self.create_block_mask(causal if chunk is None else chunked_causal, None, None, S, S,
+                                      device=device, _compile=self.compiled)
+
+
 def rotating(make_inputs: Callable[[], tuple], bytes_per_set: int) -> Callable[[], tuple]:
     """Return a function yielding input sets in turn: enough sets that together they exceed L2
     (at most 16), so a repeated call does not time the cache."""

@@ -218,28 +218,19 @@ def sdpa_chunked(q, k, v, chunk: int, dev: str):
     return run, choice
 
 
-class Flex:
-    """flex_attention with a chunked-causal block mask: compiled once on a GPU (dynamic shapes),
-    eager on CPU. `why` says why it is off; `ran` whether a case has run (compiled)."""
+class Flex(common.Flex):
+    """common.Flex as the layer this script times (its chunked-causal mask built outside the
+    timing). `off` turns it off with that reason; `ran` says whether a case has run (compiled)."""
 
     def __init__(self, dev: str, off: str | None = None):
-        self.dev, self.compiled, self.why, self.ran = dev, dev == "cuda", off, False
+        self.dev, self.ran = dev, False
         if off:
+            self.why, self.compiled = off, dev == "cuda"
             return
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        except ImportError as e:
-            self.why = f"unavailable: flex_attention does not import ({e})"
-            return
-        self.create_block_mask = create_block_mask
-        self.attn = torch.compile(flex_attention, dynamic=True) if self.compiled else flex_attention
+        super().__init__(dev)
 
     def chunked(self, S: int, chunk: int):
-        """The layer over S positions, its block mask built here (outside the timing)."""
-        def chunked_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (kv_idx // chunk == q_idx // chunk)
-
-        mask = self.create_block_mask(chunked_causal, None, None, S, S, device=self.dev, _compile=self.compiled)
+        mask = self.block_mask(S, chunk, self.dev)
         return lambda q, k, v: self.attn(q, k, v, block_mask=mask, enable_gqa=True)
 
 
