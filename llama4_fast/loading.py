@@ -27,7 +27,7 @@ from llama4_fast.checkpoint import (checkpoint_dir, language_model_parameters, m
                                     quantized_weights, stored_tensors, StoredTensor, _CASTABLE)
 from llama4_fast.config import MODEL_DTYPES, Llama4Config, rope_inv_freq
 from llama4_fast.kernels.quant_matmul import int4_group_size_args
-from llama4_fast.quant import SCHEMES, quantize_weight
+from llama4_fast.quant import SCHEMES, check_int4_depth, quantize_weight
 from llama4_fast.quant_modules import QuantExperts, QuantLinear, _is_experts, logical_shape
 
 
@@ -99,10 +99,7 @@ def _check_quantize(model, scheme: str, group_size: int):
     for name, module in model.named_modules():
         if _is_experts(module):
             for attr in ("gate_up_proj", "down_proj"):
-                K = getattr(module, attr).shape[1]
-                if K % group_size:
-                    raise ValueError(f"{name}.{attr}: K={K} is not a multiple of group_size={group_size}; "
-                                     "choose a smaller power-of-two group (>= 32)")
+                check_int4_depth(f"{name}.{attr}", getattr(module, attr).shape[1], group_size)
 
 
 def _load_quantizing(model_cls, cfg, stored, dtype, device, scheme: str, group_size: int, source: str):

@@ -337,6 +337,14 @@ def fused_moe_ref(hidden_states, gate_up_proj, down_proj, topk_weights, topk_ids
 # ----------------------------------------------------------------------------------------------
 
 SCHEMES = ("fp8", "fp8_tensor", "fp8_block", "int4", "int4_asym")
+
+
+def check_int4_depth(name: str, K: int, group_size: int):
+    """Refuse, naming the weight, an INT4 depth K that `group_size` does not divide: what
+    quantize_weight would refuse part-way through a model, said before the first change."""
+    if K % group_size:
+        raise ValueError(f"{name}: K={K} is not a multiple of group_size={group_size}; choose a smaller "
+                         "power-of-two group (>= 32) or leave this module unquantized")
 _FP8_GRANULARITY = {"fp8": "channel", "fp8_tensor": "tensor", "fp8_block": "block"}
 
 

@@ -38,7 +38,7 @@ import torch.nn as nn
 from llama4_fast.config import read_json_object
 from llama4_fast.kernels import checks
 from llama4_fast.kernels.quant_matmul import int4_group_size_args
-from llama4_fast.quant import GRANULARITIES, SCHEMES, Fp8Weight, Int4Weight, quantize_weight
+from llama4_fast.quant import GRANULARITIES, SCHEMES, Fp8Weight, Int4Weight, check_int4_depth, quantize_weight
 from llama4_fast.quant_modules import QuantExperts, QuantLinear, _is_experts, _QuantModule, logical_shape, scheme_of
 from llama4_fast.transaction import Changes, all_or_nothing
 
@@ -71,10 +71,9 @@ def _check_target(name: str, module: nn.Module, scheme: str, group_size: int):
         depths = {"weight": module.in_features}
     else:
         depths = {"gate_up_proj": module.gate_up_proj.shape[1], "down_proj": module.down_proj.shape[1]}
-    for what, K in depths.items():
-        if scheme.startswith("int4") and K % group_size:
-            raise ValueError(f"{name}.{what}: K={K} is not a multiple of group_size={group_size}; choose a "
-                             f"smaller power-of-two group (>= 32) or leave this module unquantized")
+    if scheme.startswith("int4"):
+        for what, K in depths.items():
+            check_int4_depth(f"{name}.{what}", K, group_size)
 
 
 def _check_model(model: nn.Module) -> bool:
