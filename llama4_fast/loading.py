@@ -49,6 +49,11 @@ def check_checkpoint(model_cls, path: str | Path, *, quantize: str | None = None
     the config, dtypes, quantized layouts, and what `quantize` needs: a scheme, INT4 groups
     that divide every expert's K). Returns (config, quantization_config or None, stored
     tensors). `load_pretrained` and the command line run it first."""
+    return _checked(model_cls, path, quantize, group_size)[:3]
+
+
+def _checked(model_cls, path, quantize, group_size):
+    """check_checkpoint's result and the meta-device model the check built."""
     path = checkpoint_dir(path)
     cfg = Llama4Config.from_hf(path)
     qcfg = quantization_config(path)
@@ -61,7 +66,7 @@ def check_checkpoint(model_cls, path: str | Path, *, quantize: str | None = None
             raise ValueError(f"{path} is already quantized ({qcfg['quant_method']}): load it as stored "
                              "(quantize=None)")
         _check_quantize(model, quantize, group_size)
-    return cfg, qcfg, stored
+    return cfg, qcfg, stored, model
 
 
 def _origin(stored: dict[str, StoredTensor]) -> dict[str, str]:
@@ -73,21 +78,15 @@ def load_pretrained(model_cls, path: str | Path, *, dtype=None, device: str | to
     """`Llama4.from_pretrained`: config.json and the safetensors files of a directory, read
     only after `check_checkpoint` passed; with `quantize`, the routed experts are quantized
     while they stream in (module docstring)."""
-    cfg, qcfg, stored = check_checkpoint(model_cls, path, quantize=quantize, group_size=group_size)
+    cfg, qcfg, stored, meta_model = _checked(model_cls, path, quantize, group_size)
     dtype = model_dtype(dtype, cfg)
     device = torch.device(device)
     if quantize is not None:
-        return _load_quantizing(model_cls, cfg, stored, dtype, device, quantize, group_size, str(path))
+        experts = {name for name, module in meta_model.named_modules() if _is_experts(module)}
+        return _load_quantizing(model_cls, cfg, stored, experts, dtype, device, quantize, group_size, str(path))
     params = checkpoint.load_tensors(stored, dtype=dtype, device=device)
     return build_model(model_cls, cfg, params, quantized_weights(params, qcfg) if qcfg else {}, str(path),
                        _origin(stored))
-
-
-def _expert_names(model_cls, cfg) -> set[str]:
-    """The routed-expert modules of the model `cfg` describes (built on the meta device)."""
-    with torch.device("meta"):
-        model = model_cls(cfg)
-    return {name for name, module in model.named_modules() if _is_experts(module)}
 
 
 def _check_quantize(model, scheme: str, group_size: int):
@@ -102,11 +101,11 @@ def _check_quantize(model, scheme: str, group_size: int):
                 check_int4_depth(f"{name}.{attr}", getattr(module, attr).shape[1], group_size)
 
 
-def _load_quantizing(model_cls, cfg, stored, dtype, device, scheme: str, group_size: int, source: str):
-    """Stream the tensors in; each routed-expert stack is quantized on `device` as it arrives
-    and only its quantized form is kept. On any failure (a shard that cannot be read, Ctrl-C)
-    everything read so far is released before the exception leaves."""
-    experts = _expert_names(model_cls, cfg)
+def _load_quantizing(model_cls, cfg, stored, experts: set[str], dtype, device, scheme: str, group_size: int,
+                     source: str):
+    """Stream the tensors in; each stack of the routed-expert modules `experts` is quantized on
+    `device` as it arrives and only its quantized form is kept. On any failure (a shard that
+    cannot be read, Ctrl-C) everything read so far is released before the exception leaves."""
     params: dict[str, torch.Tensor] = {}
     formats: dict[str, dict[str, object]] = {}
     tensors = checkpoint.iter_tensors(stored, dtype=dtype, device=device)
