@@ -308,24 +308,24 @@ def _overlapping(t: torch.Tensor) -> bool:
     return False
 
 
-def like(x, like: torch.Tensor, like_name: str, name: str, shape: tuple | None = None):
-    """`x` (called `name` in errors) must be a tensor with `like`'s shape (or `shape` when
-    given), dtype and device; any strides."""
+def like(x, ref: torch.Tensor, like_name: str, name: str, shape: tuple | None = None):
+    """`x` (called `name` in errors) must be a tensor with the shape (or `shape` when given),
+    dtype and device of `ref` (called `like_name`); any strides."""
     tensor(name, x)
     if shape is not None:
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"{name} must be {list(shape)}, got {list(x.shape)}")
-    elif x.shape != like.shape:
-        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(x.shape)}")
-    if x.dtype != like.dtype:
-        raise TypeError(f"{name} must have {like_name}'s dtype {like.dtype}, got {x.dtype}")
-    if x.device != like.device:
-        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}")
+    elif x.shape != ref.shape:
+        raise ValueError(f"{name} must have {like_name}'s shape {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have {like_name}'s dtype {ref.dtype}, got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {like_name} is on {ref.device}")
 
 
-def out_like(out, like_tensor: torch.Tensor, like_name: str, name: str = "out", shape: tuple | None = None):
+def out_like(out, ref: torch.Tensor, like_name: str, name: str = "out", shape: tuple | None = None):
     """`out` as `like` checks it, and with no overlapping elements (every element is written once)."""
-    like(out, like_tensor, like_name, name, shape)
+    like(out, ref, like_name, name, shape)
     if _overlapping(out):
         raise ValueError(f"{name} has overlapping elements (shape {tuple(out.shape)}, strides {out.stride()}), "
                          "e.g. a broadcast (stride-0) view: each element must have its own memory")
