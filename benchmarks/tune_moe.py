@@ -8,6 +8,11 @@ point; one past common.WRONG_REL_ERR is a wrong answer of the kernel: never the 
 script exits 1 (common.exit_status) once the table and the JSON are out.
 
     python benchmarks/tune_moe.py                   # the default cases (~2 minutes on an H100)
+    python benchmarks/tune_moe.py --hopper          # only MoeConfig's Hopper options, each case
+
+--hopper times each case's default config against the same tiles with MoeConfig's Hopper
+options (TMA descriptors, the epilogue in 64-column pieces, both), and the prefill tiles the
+spills had ruled out with both: what moe_h100.json's `tma` / `epilogue_block_n` wait on.
 """
 
 from __future__ import annotations
@@ -49,7 +54,19 @@ def graph_time(fn) -> float:
     return time_us(g.replay, warmup_ms=10, rep_ms=60)
 
 
-def run_case(shape: str, T: int) -> list[dict]:
+def hopper_candidates(base: moe.MoeConfig, T: int) -> list[tuple[str, moe.MoeConfig]]:
+    """The default tiles with each Hopper option, then (prefill) wider or deeper tiles with both."""
+    out = [("epilogue 64", replace(base, epilogue_block_n=64)), ("tma", replace(base, tma=True)),
+           ("tma + epilogue 64", replace(base, tma=True, epilogue_block_n=64))]
+    if T >= 1024:
+        for name, gemms in PREFILL_GEMMS.items():
+            out += [(f"tma + epilogue 64, {name}={g}",
+                     replace(base, tma=True, epilogue_block_n=64,
+                             **{name: replace(g, split_k=getattr(base, name).split_k)})) for g in gemms]
+    return out
+
+
+def run_case(shape: str, T: int, hopper: bool = False) -> list[dict]:
     E, H, I = SHAPES[shape]
     gen = torch.Generator(device="cuda").manual_seed(T)
     w13 = torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(0.02)
@@ -60,7 +77,9 @@ def run_case(shape: str, T: int) -> list[dict]:
     ref = moe._launch(x, w13, w2, weights, ids, True, torch.empty_like(x), base).float()
     torch_out = torch_ref.fused_moe(x, w13, w2, weights, ids)  # the default config's own check
     candidates = [("default", base)]
-    if T >= 1024:
+    if hopper:
+        candidates += hopper_candidates(base, T)
+    elif T >= 1024:
         for name in ("gate_up", "down"):
             candidates += [(f"{name}={g}", replace(base, **{name: replace(g, split_k=getattr(base, name).split_k)}))
                            for g in PREFILL_GEMMS[name]]
@@ -72,7 +91,11 @@ def run_case(shape: str, T: int) -> list[dict]:
         candidates += [("no split", replace(base, gate_up=replace(base.gate_up, split_k=1),
                                             down=replace(base.down, split_k=1)))]
     rows = []
+    seen = []
     for label, cfg in candidates:
+        if cfg in seen:  # a sweep point that is the default's (or an earlier point's) config
+            continue
+        seen.append(cfg)
         out = torch.empty_like(x)
         row = {"shape": shape, "T": T, "config": label}
         try:
@@ -93,13 +116,15 @@ def run_case(shape: str, T: int) -> list[dict]:
 def main(argv=None):
     """Returns the exit status: 1 when a candidate (or the default) gave a wrong answer."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.parse_args(argv)
+    parser.add_argument("--hopper", action="store_true",
+                        help="time MoeConfig's Hopper options (tma, epilogue_block_n) instead of the tile sweep")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_moe.py needs a CUDA GPU")
         return 0
     rows = []
     for shape, T in CASES:
-        rows += run_case(shape, T)
+        rows += run_case(shape, T, args.hopper)
         torch.cuda.empty_cache()
     cols = [("shape", "shape", ""), ("T", "T", ""), ("config", "config", ""), ("us", "graph us", ".1f"),
             ("err", "err", ".1e"), ("best", "best", "")]

@@ -44,6 +44,13 @@ quantized per token on the device first, and the router weight still scales the 
 WEIGHT_FORMAT=DENSE keeps the 16-bit path's K loop and epilogue as they were (same PTX for
 sm90, checked by compiling both versions).
 
+Two Hopper options of the same kernels (MoeConfig.tma, MoeConfig.epilogue_block_n; off unless a
+config sets them, as no GPU has measured them yet): the dense weights, and the down GEMM's A,
+read through tensor descriptors (TMA: no per-element addresses in registers, deeper pipelines),
+with gate_up writing h in expert order (dispatch slots) so that a row block's rows are
+consecutive; and the epilogue stored in column pieces. Both together leave the table's 128 x 256
+down tile without the register spills it has otherwise (tests/test_sm90_compile.py).
+
 Launch configs come from a per-shape H100 table (configs/moe_h100.json) keyed by tokens per
 expert, else from a heuristic; each (bucket, dtype, flags) is one compiled variant, never an
 autotune sweep (split counts are runtime arguments, not compile-time constants). Row offsets
@@ -61,6 +68,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import checks
 from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
@@ -238,6 +246,16 @@ def _moe_gemm_kernel(
     GATE_UP_INTERLEAVED: tl.constexpr = False,  # GATED or SWIGLU_BWD: gate column n of gate_up_proj
     # (B, dA, the bias) is 2n and up 2n + 1, instead of n and N + n
     ACTIVATION: tl.constexpr = SILU,  # the gate's activation (_glu)
+    # Hopper's tensor-memory accelerator (TMA), MoeConfig.tma; off: pointer loads. b_desc: a
+    # tensor descriptor over B [E, K, N_total] with blocks [1, BLOCK_K, BLOCK_N] (dense B with
+    # unit column stride); a_desc: one over A [rows, K] with blocks [BLOCK_M, BLOCK_K], for an A
+    # whose rows of a block are consecutive (A_BY_SLOT, or DIRECT with A_ROW_DIV == 1)
+    b_desc=None, a_desc=None,
+    # the rows of A (A_BY_SLOT) or C (C_BY_SLOT) are dispatch slots, the pairs in expert order,
+    # instead of pair indices: gate_up writes h so that each row block of the down GEMM reads
+    # consecutive rows (slot = pair when DIRECT)
+    A_BY_SLOT: tl.constexpr = False, C_BY_SLOT: tl.constexpr = False,
+    EPILOGUE_SPLIT: tl.constexpr = 1,
 ):
     # -- which tile: grouped ordering, so the CTAs resident at once share B column blocks
     # (several row blocks of one expert) and A row blocks (several column blocks).
@@ -252,6 +270,8 @@ def _moe_gemm_kernel(
         if tl.sum(((ids == expert) & (offs_r < pid_m)).to(tl.int32), axis=0) > 0:
             return  # an earlier pair chose this expert; its program serves this pair too
         pairs = offs_r
+        slots = offs_r
+        first_row = 0
         row_mask = (ids == expert) & (offs_r < num_pairs)
     else:
         num_blocks = tl.load(block_offsets_ptr + num_experts + 1)
@@ -261,13 +281,21 @@ def _moe_gemm_kernel(
         ends = tl.load(block_offsets_ptr + 1 + b, mask=b < num_experts + 1, other=num_pid_m)
         expert = tl.sum((ends <= pid_m).to(tl.int32), axis=0)  # bucket num_experts: bad ids
         first_slot = tl.load(expert_offsets_ptr + expert)
-        slots = first_slot + (pid_m - tl.load(block_offsets_ptr + expert)) * BLOCK_M + offs_r
+        first_row = first_slot + (pid_m - tl.load(block_offsets_ptr + expert)) * BLOCK_M
+        slots = first_row + offs_r
         row_mask = slots < tl.load(expert_offsets_ptr + expert + 1)
         pairs = tl.load(sorted_pairs_ptr + slots, mask=row_mask, other=0)
     # An out-of-range id contributes nothing: its rows run no K steps and store zeros.
     valid_expert = (expert >= 0) & (expert < num_experts)
     pairs = pairs.to(tl.int64)
-    a_rows = pairs // A_ROW_DIV
+    if A_BY_SLOT:
+        a_rows = slots.to(tl.int64)
+    else:
+        a_rows = pairs // A_ROW_DIV
+    if C_BY_SLOT:
+        c_rows = slots.to(tl.int64)
+    else:
+        c_rows = pairs
     if SCALE_C or SWIGLU_BWD:
         router_w = tl.load(topk_weights_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
 
@@ -308,16 +336,20 @@ def _moe_gemm_kernel(
         a_group_scale = tl.zeros((BLOCK_M,), dtype=tl.float32)  # read by FP8_BLOCK only
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
-        a_mask = row_mask[:, None] & (kk < K)[None, :]
-        a = tl.load(a_rows_ptrs + kk[None, :] * stride_ak, mask=a_mask, other=0.0)
-        if WEIGHT_FORMAT == DENSE:
+        if a_desc is not None:  # rows past the block's own (another expert's, or zeros past the
+            a = a_desc.load([first_row, k0])  # end) only reach masked output rows
+        else:
+            a = tl.load(a_rows_ptrs + kk[None, :] * stride_ak, mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
+        if b_desc is not None:  # gate columns past N read up columns: masked output columns only
+            acc = tl.dot(a, b_desc.load([expert, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N), acc,
+                         input_precision=DOT_PRECISION)
+            if GATED:
+                b_up = b_desc.load([expert, k0, N + pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        elif WEIGHT_FORMAT == DENSE:
             b_ptrs = b_base + kk[:, None] * stride_bk + b_cols[None, :] * stride_bn
             b_mask = (kk < K)[:, None] & n_mask[None, :]
             acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
-            if a_bias_ptr is not None:
-                a_bias = tl.load(ab_base + kk * stride_abk, mask=kk < K, other=0.0).to(tl.float32)
-                a_bias = tl.where(pid_n == 0, a_bias, 0.0)
-                d_w_bias += tl.sum(a.to(tl.float32) * a_bias[None, :], axis=1)
             if GATED:
                 b_up = tl.load(b_ptrs + up_shift * stride_bn, mask=b_mask, other=0.0)
                 acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
@@ -332,14 +364,18 @@ def _moe_gemm_kernel(
                 acc_up = dequant_dot(acc_up, a, a_group_scale, b_base, stride_bk, stride_bn, bs_base, stride_bsk,
                                      stride_bsn, bz_base, stride_bzk, stride_bzn, k0, offs_n + N, n_mask, K,
                                      WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION)
+        if a_bias_ptr is not None:
+            a_bias = tl.load(ab_base + kk * stride_abk, mask=kk < K, other=0.0).to(tl.float32)
+            a_bias = tl.where(pid_n == 0, a_bias, 0.0)
+            d_w_bias += tl.sum(a.to(tl.float32) * a_bias[None, :], axis=1)
 
-    # -- epilogue: rows go back to their pair (or, top-1, token) row; nothing is permuted.
+    # -- epilogue: rows go back to their pair (or, top-1, token) row, or h to its slot (C_BY_SLOT).
     if SWIGLU_BWD:  # dA's gate columns follow gate_up_proj's
         c_cols = gate_cols
     else:
         c_cols = offs_n
-    c_ptrs = (c_ptr + pid_s.to(tl.int64) * c_split_stride
-              + pairs[:, None] * stride_cm + c_cols[None, :] * stride_cn)
+    c_rows_ptr = c_ptr + pid_s.to(tl.int64) * c_split_stride + c_rows * stride_cm
+    c_ptrs = c_rows_ptr[:, None] + c_cols[None, :] * stride_cn
     c_mask = row_mask[:, None] & n_mask[None, :]
     if WEIGHT_FORMAT == FP8_ROWWISE:  # per-token activation scale x per-channel weight scale
         a_scale = tl.load(as_ptr + a_rows * stride_asm, mask=row_mask, other=0.0)
@@ -380,13 +416,45 @@ def _moe_gemm_kernel(
             acc += bias[None, :]
             acc_up += bias_up[None, :]
         if C_PARTIAL:
-            tl.store(c_ptrs, acc, mask=c_mask)
-            tl.store(c_ptrs + N * stride_cn, acc_up, mask=c_mask)
+            _store_tile(c_ptrs, c_mask, acc, c_rows_ptr, offs_n, row_mask, N, stride_cn, EPILOGUE_SPLIT)
+            _store_tile(c_ptrs + N * stride_cn, c_mask, acc_up, c_rows_ptr + N * stride_cn, offs_n, row_mask, N,
+                        stride_cn, EPILOGUE_SPLIT)
         else:
             h = _glu(acc, acc_up, glu_limit, glu_alpha, ACTIVATION)
-            tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=c_mask)
+            _store_tile(c_ptrs, c_mask, h, c_rows_ptr, offs_n, row_mask, N, stride_cn, EPILOGUE_SPLIT)
     else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        _store_tile(c_ptrs, c_mask, acc, c_rows_ptr, offs_n, row_mask, N, stride_cn, EPILOGUE_SPLIT)
+
+
+@triton.jit
+def _store_tile(c_ptrs, c_mask, acc, rows_ptr, offs_n, row_mask, N, stride_cn, SPLIT: tl.constexpr):
+    """Store acc [BLOCK_M, BLOCK_N] in C's dtype: whole (SPLIT = 1) at c_ptrs, or in SPLIT = 2
+    or 4 column pieces at rows_ptr [BLOCK_M] + column * stride_cn, so that one piece's
+    addresses are live at a time (a 128 x 256 tile's 64-bit addresses alone would take 256
+    registers a thread next to its 128 accumulators)."""
+    if SPLIT == 1:
+        tl.store(c_ptrs, acc.to(c_ptrs.dtype.element_ty), mask=c_mask)
+    else:
+        a0, a1 = acc.reshape(acc.shape[0], 2, acc.shape[1] // 2).permute(0, 2, 1).split()
+        n0, n1 = offs_n.reshape(2, offs_n.shape[0] // 2).permute(1, 0).split()
+        if SPLIT == 2:
+            _store_piece(rows_ptr, n0, a0, row_mask, N, stride_cn)
+            _store_piece(rows_ptr, n1, a1, row_mask, N, stride_cn)
+        else:
+            a00, a01 = a0.reshape(a0.shape[0], 2, a0.shape[1] // 2).permute(0, 2, 1).split()
+            a10, a11 = a1.reshape(a1.shape[0], 2, a1.shape[1] // 2).permute(0, 2, 1).split()
+            n00, n01 = n0.reshape(2, n0.shape[0] // 2).permute(1, 0).split()
+            n10, n11 = n1.reshape(2, n1.shape[0] // 2).permute(1, 0).split()
+            _store_piece(rows_ptr, n00, a00, row_mask, N, stride_cn)
+            _store_piece(rows_ptr, n01, a01, row_mask, N, stride_cn)
+            _store_piece(rows_ptr, n10, a10, row_mask, N, stride_cn)
+            _store_piece(rows_ptr, n11, a11, row_mask, N, stride_cn)
+
+
+@triton.jit
+def _store_piece(rows_ptr, cols, acc, row_mask, N, stride_cn):
+    tl.store(rows_ptr[:, None] + cols[None, :] * stride_cn, acc.to(rows_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -448,10 +516,26 @@ def _moe_wgrad_kernel(
 
 @dataclass(frozen=True)
 class MoeConfig:
-    """block_m (rows per block) is shared: both GEMMs walk the same dispatch metadata."""
+    """block_m (rows per block) is shared: both GEMMs walk the same dispatch metadata.
+
+    Two Hopper options, off unless a table bucket sets them (not measured on a GPU yet;
+    benchmarks/tune_moe.py --hopper compares them with the plain kernels):
+    tma: load through the tensor memory accelerator (tensor descriptors) where the operands allow
+    it (`_descriptor`): both GEMMs' dense weights, and the down GEMM's A, for which the gate_up
+    GEMM then writes h in expert order.
+    epilogue_block_n: each GEMM stores its tile in column pieces this wide (at most 4 pieces),
+    not whole: fewer live registers in the epilogue of a wide tile (None: whole tiles)."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
+    tma: bool = False
+    epilogue_block_n: int | None = None
+
+    def epilogue_split(self, g: GemmConfig) -> int:
+        """The kernel's EPILOGUE_SPLIT (1, 2 or 4 column pieces) for GEMM g."""
+        if self.epilogue_block_n is None:
+            return 1
+        return min(4, max(1, g.block_n // self.epilogue_block_n))
 
     def direct(self, num_pairs: int) -> bool:
         """True when all (token, slot) pairs fit one row block: no dispatch metadata is built
@@ -484,10 +568,11 @@ def config_table() -> dict[tuple[int, int, int], list[tuple[float, MoeConfig]]]:
         for i, b in enumerate(buckets):
             where = f"{CONFIG_FILE.name}[{key}][{i}]"
             bound = b["max_tokens_per_expert"]
-            rows.append((float("inf") if bound is None else float(bound),
-                         MoeConfig(checks.power_of_two(f"{where}.block_m", b["block_m"]),
-                                   _gemm_from_json(b["gate_up"], where + ".gate_up"),
-                                   _gemm_from_json(b["down"], where + ".down"))))
+            cfg = MoeConfig(checks.power_of_two(f"{where}.block_m", b["block_m"]),
+                            _gemm_from_json(b["gate_up"], where + ".gate_up"), _gemm_from_json(b["down"], where + ".down"),
+                            b.get("tma", False), b.get("epilogue_block_n"))
+            hopper_args(cfg, where)
+            rows.append((float("inf") if bound is None else float(bound), cfg))
         if [r[0] for r in rows] != sorted(r[0] for r in rows) or rows[-1][0] != float("inf"):
             raise ValueError(f"{CONFIG_FILE.name}[{key}]: buckets must increase and end open (null)")
         table[shape] = rows
@@ -765,12 +850,21 @@ def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_
                    down=replace(cfg.down, block_k=max(least, min(cfg.down.block_k, quant.group_k))))
 
 
+def hopper_args(cfg: MoeConfig, where: str = "config"):
+    """Check a MoeConfig's Hopper options: tma a bool, epilogue_block_n None or a power of two."""
+    if not isinstance(cfg.tma, bool):
+        raise ValueError(f"{where}.tma must be True or False, got {cfg.tma!r}")
+    if cfg.epilogue_block_n is not None:
+        checks.power_of_two(f"{where}.epilogue_block_n", cfg.epilogue_block_n, 1)
+
+
 def config_args(cfg, quant: ExpertQuant | None = None):
     """Check a caller's MoeConfig (fused_moe's `config=`): tiles powers of two >= 16 (tl.dot's
     least shape), positive counts, and for quantized experts K steps inside one scale group."""
     if not isinstance(cfg, MoeConfig) or not all(isinstance(g, GemmConfig) for g in (cfg.gate_up, cfg.down)):
         raise TypeError(f"config must be a MoeConfig of two GemmConfigs, got {cfg!r}")
     checks.power_of_two("config.block_m", cfg.block_m)
+    hopper_args(cfg)
     for name, g in (("gate_up", cfg.gate_up), ("down", cfg.down)):
         checks.power_of_two(f"config.{name}.block_n", g.block_n)
         checks.power_of_two(f"config.{name}.block_k", g.block_k)
@@ -779,6 +873,16 @@ def config_args(cfg, quant: ExpertQuant | None = None):
             checks.positive_int(f"config.{name}.{field}", getattr(g, field))
         if quant is not None:
             block_k_args(f"config.{name}.block_k", g.block_k, quant.code, quant.group_k)
+
+
+def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
+    """A TMA tensor descriptor over all of t in blocks of `block`, or None where the tensor
+    memory accelerator cannot read t: a last dimension that is not contiguous, a base address or
+    another stride that is not a multiple of 16 bytes."""
+    size = t.element_size()
+    if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
 
 def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig,
@@ -816,14 +920,24 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
         return a, (scale, *scale.stride(), z, *z.stride(), a_scale, *a_scale.stride()), \
             dict(WEIGHT_FORMAT=quant.code, GROUP_K=quant.group_k)
 
-    # gate_up: x [T, H] @ w13[e] -> h [P, I]; split K: fp32 gate/up partials, then combine
-    g = cfg.gate_up
+    # MoeConfig's Hopper options. tma: descriptors for dense weights whose gate and up columns
+    # are separate blocks (not interleaved), and h in expert order so that each row block of
+    # the down GEMM reads consecutive rows through one (in DIRECT, slot = pair already).
+    g, d = cfg.gate_up, cfg.down
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
+    hopper1 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(g))
+    hopper2 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(d))
+    if cfg.tma and quant is None and not variant.interleaved:
+        hopper1.update(b_desc=_descriptor(w13, [1, g.block_k, g.block_n]), C_BY_SLOT=True)
+        hopper2.update(b_desc=_descriptor(w2, [1, d.block_k, d.block_n]),
+                       a_desc=_descriptor(h, [cfg.block_m, d.block_k]), A_BY_SLOT=True)
+
+    # gate_up: x [T, H] @ w13[e] -> h [P, I]; split K: fp32 gate/up partials, then combine
     y1 = h if g.split_k == 1 else torch.empty(g.split_k, P, 2 * I, dtype=torch.float32, device=x.device)
     a1, q1, f1 = quant_args(x, *((quant.gate_up_scale, quant.gate_up_zero) if quant else (None, None)))
     if preact is not None:
         f1.update(preact_ptr=preact, stride_pm=preact.stride(0), stride_pn=preact.stride(1), STORE_PREACT=True)
-    f1.update(variant.gate_up_kwargs())
+    f1.update(variant.gate_up_kwargs(), **hopper1)
     grid = (num_pid_m * triton.cdiv(I, g.block_n), g.split_k)
     _moe_gemm_kernel[grid](
         a1, a1.stride(0), a1.stride(1),
@@ -839,11 +953,10 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
             ROWS=1, SWIGLU=True, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
 
     # down: h [P, I] @ w2[e] -> out[token] (top-1), or fp32 partials [S2, P, H] + combine
-    d = cfg.down
     partial = top_k > 1 or d.split_k > 1
     y2 = torch.empty(d.split_k, P, H, dtype=torch.float32, device=x.device) if partial else out
     a2, q2, f2 = quant_args(h, *((quant.down_scale, quant.down_zero) if quant else (None, None)))
-    f2.update(variant.down_kwargs())
+    f2.update(variant.down_kwargs(), **hopper2)
     grid = (num_pid_m * triton.cdiv(H, d.block_n), d.split_k)
     _moe_gemm_kernel[grid](
         a2, a2.stride(0), a2.stride(1),

@@ -68,6 +68,7 @@ PROLOGUE = ("tests/test_qk_prologue.py",)
 MOE_BACKWARD = ("tests/test_moe_backward.py",)
 EXPERTS = ("tests/test_moe_kernel.py", "tests/test_moe_backward.py")
 ATTENTION_BACKWARD = ("tests/test_attention_backward.py",)
+HOPPER = ("tests/test_moe_kernel.py::test_tma_matches_float64", "tests/test_moe_kernel.py::test_epilogue_in_column_pieces")
 
 MUTANTS = [
     # -- the five of issue 17 ------------------------------------------------------------------
@@ -133,6 +134,20 @@ MUTANTS = [
     Mutant("moe-bwd-down-bias-router-grad", "kernels/moe.py",
            "            d_w += d_w_bias", "            d_w += 0.0 * d_w_bias", MOE_BACKWARD,
            "router-weight gradient without dOut . b2 when the down projection has a bias"),
+    # -- MoeConfig's Hopper options (TMA descriptors, h in expert order, epilogue pieces) -----------------
+    Mutant("moe-tma-h-by-pair", "kernels/moe.py",
+           "    if C_BY_SLOT:\n        c_rows = slots.to(tl.int64)", "    if False:\n        c_rows = slots.to(tl.int64)",
+           HOPPER, "gate_up writes h by pair while the down GEMM reads it in expert order"),
+    Mutant("moe-tma-up-columns", "kernels/moe.py",
+           "b_desc.load([expert, k0, N + pid_n * BLOCK_N])", "b_desc.load([expert, k0, pid_n * BLOCK_N])", HOPPER,
+           "the up block read from the gate columns"),
+    Mutant("moe-tma-a-block-row", "kernels/moe.py",
+           "a = a_desc.load([first_row, k0])", "a = a_desc.load([first_row - first_row % BLOCK_M, k0])", HOPPER,
+           "the down GEMM's A block read from a block-aligned row instead of the block's first slot"),
+    Mutant("moe-epilogue-piece-columns", "kernels/moe.py",
+           "            _store_piece(rows_ptr, n1, a1, row_mask, N, stride_cn)",
+           "            _store_piece(rows_ptr, n0, a1, row_mask, N, stride_cn)", HOPPER,
+           "the second epilogue piece stored over the first"),
     # -- attention backward ----------------------------------------------------------------------------
     Mutant("attention-bwd-delta", "kernels/attention.py",
            "ds_t = tl.where(visible, p_t * (dp_t - delta[None, :]), 0.0)",

@@ -5,6 +5,8 @@ experts, independent of the code under test. Outputs are NaN-poisoned `out=` buf
 On CPU the kernels run through the Triton interpreter: small H/I, fp16/fp32.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import TOL, assert_close, poisoned, rel_err
@@ -141,6 +143,82 @@ def test_out_of_range_ids_are_skipped_by_the_kernel(device, T, block_m):
     out = poisoned(x.shape, x.dtype, device)
     moe._launch(x, w13, w2, weights[:, :1], ids1, True, out, _cfg(block_m, 2, 1))
     assert_close(out, ref_moe(x, w13, w2, weights[:, :1], ids1))
+
+
+
+# -- TMA (MoeConfig.tma): tensor descriptors, h in expert order --------------------------------
+
+@pytest.mark.parametrize("T,E,top_k,block_m,splits,dtype", [
+    (1, 8, 1, 16, (3, 2), torch.float32),    # direct, both GEMMs split
+    (5, 8, 2, 16, (1, 1), torch.float16),    # direct, top-2
+    (40, 8, 1, 16, (2, 1), torch.float32),   # sorted, gate_up split: partials by slot
+    (90, 3, 2, 16, (1, 3), torch.float16),   # sorted, top-2, down split
+    (300, 16, 4, 32, (1, 1), torch.float32),  # sorted, top-4, experts with several row blocks
+])
+def test_tma_matches_float64(device, T, E, top_k, block_m, splits, dtype):
+    """Weights and h through tensor descriptors (I = 24 is no multiple of the 16-wide gate tile,
+    so the gate tile's last columns read up columns; H = 40 no multiple of the down tile), with
+    the router weight on either side; the same answer as the pointer loads."""
+    H, I = 40, 24
+    x, w13, w2, weights, ids = make_inputs(T, E, H, I, top_k, dtype, device)
+    for w, block in ((w13, [1, 16, 16]), (w2, [1, 16, 32])):
+        assert moe._descriptor(w, block) is not None  # these tests really read through TMA
+    for on_input, epilogue in ((True, None), (False, 8)):
+        cfg = replace(_cfg(block_m, *splits), tma=True, epilogue_block_n=epilogue)
+        out = poisoned(x.shape, x.dtype, device)
+        fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=on_input, out=out, config=cfg)
+        assert_close(out, ref_moe(x, w13, w2, weights, ids, on_input))
+
+
+@pytest.mark.parametrize("epilogue_block_n", [8, 16, 4])  # 2, 1 and 4 pieces of the 16- and 32-wide tiles
+@pytest.mark.parametrize("T,top_k,splits", [(3, 2, (2, 1)), (60, 1, (1, 1)), (60, 2, (1, 2))])
+def test_epilogue_in_column_pieces(device, epilogue_block_n, T, top_k, splits):
+    """The pieces cover the tile exactly once (poisoned out), with the last block's columns
+    past N (H = 40, I = 24) masked; partials, final rows and h alike."""
+    x, w13, w2, weights, ids = make_inputs(T, 8, 40, 24, top_k, torch.float32, device)
+    cfg = replace(_cfg(16, *splits), epilogue_block_n=epilogue_block_n)
+    assert cfg.epilogue_split(cfg.down) == min(4, 32 // epilogue_block_n)
+    out = poisoned(x.shape, x.dtype, device)
+    fused_moe(x, w13, w2, weights, ids, out=out, config=cfg)
+    assert_close(out, ref_moe(x, w13, w2, weights, ids))
+
+
+def test_tma_skipped_where_the_layout_does_not_allow_it(device):
+    """Weights whose rows are not 16-byte multiples (H = 36 halves), or K-contiguous views, get
+    no descriptor and run the pointer loads; bad ids are still skipped."""
+    T, E, H, I = 50, 5, 36, 24
+    x, w13, w2, weights, ids = make_inputs(T, E, H, I, 2, torch.float16, device)
+    assert moe._descriptor(w2, [1, 16, 32]) is None  # row stride 72 bytes
+    assert moe._descriptor(linear_style(w13, w2)[0], [1, 16, 16]) is None  # column stride H
+    cfg = replace(_cfg(16, 1, 1), tma=True)
+    out = poisoned(x.shape, x.dtype, device)
+    fused_moe(x, w13, w2, weights, ids, out=out, config=cfg)
+    assert_close(out, ref_moe(x, w13, w2, weights, ids))
+    ids[0, 0], ids[3] = E, torch.tensor([-1, E + 2])
+    out = poisoned(x.shape, x.dtype, device)
+    moe._launch(x, *linear_style(w13, w2), weights, ids, True, out, cfg)
+    assert_close(out, ref_moe(x, w13, w2, weights, ids))
+    assert out[3].abs().max().item() == 0.0
+
+
+def test_hopper_options_are_checked(tmp_path, monkeypatch):
+    """A config's (or the table's) tma and epilogue_block_n are checked, naming the field."""
+    x, w13, w2, weights, ids = make_inputs(4, 3, 40, 24, 1, torch.float32, "cpu")
+    for bad, field in ((dict(tma="yes"), "config.tma"), (dict(epilogue_block_n=24), "config.epilogue_block_n")):
+        with pytest.raises(ValueError, match=field):
+            fused_moe(x, w13, w2, weights, ids, config=replace(_cfg(16, 1, 1), **bad))
+    gemm = {"block_n": 64, "block_k": 64, "group_m": 1, "num_warps": 4, "num_stages": 3}
+    table = tmp_path / "moe.json"
+    table.write_text('{"E=1,H=2,I=3": [{"max_tokens_per_expert": null, "block_m": 16, "tma": 1, '
+                     f'"gate_up": {gemm}, "down": {gemm}}}]}}'.replace("'", '"'))
+    monkeypatch.setattr(moe, "CONFIG_FILE", table)
+    moe.config_table.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"moe.json\[E=1,H=2,I=3\]\[0\].tma"):
+            moe.config_table()
+    finally:
+        monkeypatch.undo()
+        moe.config_table.cache_clear()
 
 
 # -- launch configs --------------------------------------------------------------------------
