@@ -9,10 +9,13 @@ script exits 1 (common.exit_status) once the table and the JSON are out.
 
     python benchmarks/tune_moe.py                   # the default cases (~2 minutes on an H100)
     python benchmarks/tune_moe.py --hopper          # only MoeConfig's Hopper options, each case
+    python benchmarks/tune_moe.py --hopper --cases scout:8192 maverick:1
 
 --hopper times each case's default config against the same tiles with MoeConfig's Hopper
-options (TMA descriptors, the epilogue in 64-column pieces, both), and the prefill tiles the
-spills had ruled out with both: what moe_h100.json's `tma` / `epilogue_block_n` wait on.
+options (TMA descriptors, the epilogue in 64-column pieces, programmatic dependent launch), each
+and all three, then with all three the prefill tiles the spills had ruled out and, at decode,
+other split-K counts: what moe_h100.json's `tma` / `epilogue_block_n` / `pdl` and
+gemm.split_k's rule wait on.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import moe, route  # noqa: E402
 from llama4_fast.kernels.gemm import GemmConfig  # noqa: E402
 
-SHAPES = {"scout": (16, 5120, 8192), "maverick": (128, 5120, 8192)}
+# (E, H, I); -tp8: one of eight tensor-parallel shards of the experts (I / 8)
+SHAPES = {"scout": (16, 5120, 8192), "maverick": (128, 5120, 8192), "scout-tp8": (16, 5120, 1024),
+          "maverick-tp8": (128, 5120, 1024)}
 # (shape, T): prefill where the target is compute, decode sizes where it is bandwidth.
 CASES = [("scout", 8192), ("scout", 1), ("maverick", 1), ("scout", 64), ("maverick", 64), ("maverick", 32)]
 PREFILL_GEMMS = {
@@ -55,14 +60,22 @@ def graph_time(fn) -> float:
 
 
 def hopper_candidates(base: moe.MoeConfig, T: int) -> list[tuple[str, moe.MoeConfig]]:
-    """The default tiles with each Hopper option, then (prefill) wider or deeper tiles with both."""
+    """The default tiles with each Hopper option and all three; then at prefill wider or deeper
+    tiles with all three, at decode K split further than gemm.split_k's rule allows (the
+    bandwidth question: TP8's down GEMM at T=1 has 80 column tiles for 132 SMs, unsplit)."""
+    every = dict(tma=True, epilogue_block_n=64, pdl=True)
     out = [("epilogue 64", replace(base, epilogue_block_n=64)), ("tma", replace(base, tma=True)),
-           ("tma + epilogue 64", replace(base, tma=True, epilogue_block_n=64))]
+           ("pdl", replace(base, pdl=True)), ("tma + epilogue 64 + pdl", replace(base, **every))]
     if T >= 1024:
         for name, gemms in PREFILL_GEMMS.items():
-            out += [(f"tma + epilogue 64, {name}={g}",
-                     replace(base, tma=True, epilogue_block_n=64,
-                             **{name: replace(g, split_k=getattr(base, name).split_k)})) for g in gemms]
+            out += [(f"tma + epilogue 64 + pdl, {name}={g}",
+                     replace(base, **every, **{name: replace(g, split_k=getattr(base, name).split_k)}))
+                    for g in gemms]
+    else:
+        for name in ("gate_up", "down"):
+            g = getattr(base, name)
+            out += [(f"tma + epilogue 64 + pdl, {name} split_k={s}", replace(base, **every, **{name: replace(g, split_k=s)}))
+                    for s in (1, 2, 4, 8) if s != g.split_k]
     return out
 
 
@@ -117,13 +130,22 @@ def main(argv=None):
     """Returns the exit status: 1 when a candidate (or the default) gave a wrong answer."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hopper", action="store_true",
-                        help="time MoeConfig's Hopper options (tma, epilogue_block_n) instead of the tile sweep")
+                        help="time MoeConfig's Hopper options (tma, epilogue_block_n, pdl) instead of the tile sweep")
+    parser.add_argument("--cases", nargs="+", metavar="SHAPE:T", default=[f"{s}:{t}" for s, t in CASES],
+                        help=f"cases to run (default: all, {' '.join(f'{s}:{t}' for s, t in CASES)}); "
+                             f"shapes: {', '.join(SHAPES)}")
     args = parser.parse_args(argv)
+    cases = []
+    for case in args.cases:
+        shape, _, tokens = case.partition(":")
+        if shape not in SHAPES or not tokens.isdigit() or int(tokens) < 1:
+            parser.error(f"--cases: {case!r} is not SHAPE:T with SHAPE in {sorted(SHAPES)} and T >= 1")
+        cases.append((shape, int(tokens)))
     if not torch.cuda.is_available():
         print("tune_moe.py needs a CUDA GPU")
         return 0
     rows = []
-    for shape, T in CASES:
+    for shape, T in cases:
         rows += run_case(shape, T, args.hopper)
         torch.cuda.empty_cache()
     cols = [("shape", "shape", ""), ("T", "T", ""), ("config", "config", ""), ("us", "graph us", ".1f"),

@@ -36,12 +36,16 @@ COMBINE_BLOCK_N = 1024  # columns per combine program
 
 @triton.jit(do_not_specialize=["num_splits"])
 def combine_splits_kernel(partial_ptr, out_ptr, stride_om, stride_on, N, split_stride, num_splits,
-                          ROWS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+                          ROWS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """Finish a GEMM that stored fp32 partials (contiguous [num_splits, R * ROWS, width]),
     summing in a fixed order (deterministic), and write out [R, N] in out's dtype:
     SWIGLU=False (down GEMM, width N): out[r] = sum over splits and the ROWS = top_k rows of r.
     SWIGLU=True (split gate_up GEMM, width 2N, ROWS = 1): out[r] = silu(g) * u, where g and u
-    are the split sums of columns [:N] and [N:]."""
+    are the split sums of columns [:N] and [N:]. PDL: launched as a programmatic dependent
+    launch (waits for the GEMM's partials in the kernel)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     r = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N

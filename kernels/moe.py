@@ -256,7 +256,10 @@ def _moe_gemm_kernel(
     # consecutive rows (slot = pair when DIRECT)
     A_BY_SLOT: tl.constexpr = False, C_BY_SLOT: tl.constexpr = False,
     EPILOGUE_SPLIT: tl.constexpr = 1,
+    PDL: tl.constexpr = False,  # launched as a programmatic dependent launch (MoeConfig.pdl)
 ):
+    if PDL:  # this grid may start while the previous kernel finishes: wait for its writes
+        tl.extra.cuda.gdc_wait()
     # -- which tile: grouped ordering, so the CTAs resident at once share B column blocks
     # (several row blocks of one expert) and A row blocks (several column blocks).
     pid_s = tl.program_id(1)
@@ -368,6 +371,8 @@ def _moe_gemm_kernel(
             a_bias = tl.load(ab_base + kk * stride_abk, mask=kk < K, other=0.0).to(tl.float32)
             a_bias = tl.where(pid_n == 0, a_bias, 0.0)
             d_w_bias += tl.sum(a.to(tl.float32) * a_bias[None, :], axis=1)
+    if PDL:  # the next kernel may launch and set up while this epilogue runs
+        tl.extra.cuda.gdc_launch_dependents()
 
     # -- epilogue: rows go back to their pair (or, top-1, token) row, or h to its slot (C_BY_SLOT).
     if SWIGLU_BWD:  # dA's gate columns follow gate_up_proj's
@@ -518,18 +523,23 @@ def _moe_wgrad_kernel(
 class MoeConfig:
     """block_m (rows per block) is shared: both GEMMs walk the same dispatch metadata.
 
-    Two Hopper options, off unless a table bucket sets them (not measured on a GPU yet;
+    Three Hopper options, off unless a table bucket sets them (not measured on a GPU yet;
     benchmarks/tune_moe.py --hopper compares them with the plain kernels):
     tma: load through the tensor memory accelerator (tensor descriptors) where the operands allow
     it (`_descriptor`): both GEMMs' dense weights, and the down GEMM's A, for which the gate_up
     GEMM then writes h in expert order.
     epilogue_block_n: each GEMM stores its tile in column pieces this wide (at most 4 pieces),
-    not whole: fewer live registers in the epilogue of a wide tile (None: whole tiles)."""
+    not whole: fewer live registers in the epilogue of a wide tile (None: whole tiles).
+    pdl: launch each of fused_moe's GEMM and combine kernels on CUDA as a programmatic dependent
+    launch, which waits for the previous kernel's writes in the kernel instead of between
+    launches: the next kernel's launch and setup overlap the previous one's tail (decode's
+    fixed costs)."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
     tma: bool = False
     epilogue_block_n: int | None = None
+    pdl: bool = False
 
     def epilogue_split(self, g: GemmConfig) -> int:
         """The kernel's EPILOGUE_SPLIT (1, 2 or 4 column pieces) for GEMM g."""
@@ -570,7 +580,7 @@ def config_table() -> dict[tuple[int, int, int], list[tuple[float, MoeConfig]]]:
             bound = b["max_tokens_per_expert"]
             cfg = MoeConfig(checks.power_of_two(f"{where}.block_m", b["block_m"]),
                             _gemm_from_json(b["gate_up"], where + ".gate_up"), _gemm_from_json(b["down"], where + ".down"),
-                            b.get("tma", False), b.get("epilogue_block_n"))
+                            b.get("tma", False), b.get("epilogue_block_n"), b.get("pdl", False))
             hopper_args(cfg, where)
             rows.append((float("inf") if bound is None else float(bound), cfg))
         if [r[0] for r in rows] != sorted(r[0] for r in rows) or rows[-1][0] != float("inf"):
@@ -851,9 +861,11 @@ def launch_config(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_
 
 
 def hopper_args(cfg: MoeConfig, where: str = "config"):
-    """Check a MoeConfig's Hopper options: tma a bool, epilogue_block_n None or a power of two."""
-    if not isinstance(cfg.tma, bool):
-        raise ValueError(f"{where}.tma must be True or False, got {cfg.tma!r}")
+    """Check a MoeConfig's Hopper options: tma and pdl bools, epilogue_block_n None or a power
+    of two."""
+    for field in ("tma", "pdl"):
+        if not isinstance(getattr(cfg, field), bool):
+            raise ValueError(f"{where}.{field} must be True or False, got {getattr(cfg, field)!r}")
     if cfg.epilogue_block_n is not None:
         checks.power_of_two(f"{where}.epilogue_block_n", cfg.epilogue_block_n, 1)
 
@@ -922,11 +934,13 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
 
     # MoeConfig's Hopper options. tma: descriptors for dense weights whose gate and up columns
     # are separate blocks (not interleaved), and h in expert order so that each row block of
-    # the down GEMM reads consecutive rows through one (in DIRECT, slot = pair already).
+    # the down GEMM reads consecutive rows through one (in DIRECT, slot = pair already). pdl:
+    # on CUDA only (the interpreter has no grid dependency control).
     g, d = cfg.gate_up, cfg.down
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
-    hopper1 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(g))
-    hopper2 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(d))
+    pdl = dict(PDL=True, launch_pdl=True) if cfg.pdl and x.is_cuda else {}
+    hopper1 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(g), **pdl)
+    hopper2 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(d), **pdl)
     if cfg.tma and quant is None and not variant.interleaved:
         hopper1.update(b_desc=_descriptor(w13, [1, g.block_k, g.block_n]), C_BY_SLOT=True)
         hopper2.update(b_desc=_descriptor(w2, [1, d.block_k, d.block_n]),
@@ -950,7 +964,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
     if g.split_k > 1:
         combine_splits_kernel[(P, triton.cdiv(I, COMBINE_BLOCK_N))](
             y1, h, h.stride(0), h.stride(1), I, y1.stride(0), g.split_k,
-            ROWS=1, SWIGLU=True, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
+            ROWS=1, SWIGLU=True, BLOCK_N=COMBINE_BLOCK_N, num_warps=4, **pdl)
 
     # down: h [P, I] @ w2[e] -> out[token] (top-1), or fp32 partials [S2, P, H] + combine
     partial = top_k > 1 or d.split_k > 1
@@ -969,7 +983,7 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
     if partial:
         combine_splits_kernel[(T, triton.cdiv(H, COMBINE_BLOCK_N))](
             y2, out, out.stride(0), out.stride(1), H, y2.stride(0), d.split_k,
-            ROWS=top_k, SWIGLU=False, BLOCK_N=COMBINE_BLOCK_N, num_warps=4)
+            ROWS=top_k, SWIGLU=False, BLOCK_N=COMBINE_BLOCK_N, num_warps=4, **pdl)
     return out
 
 

@@ -202,11 +202,16 @@ def test_tma_skipped_where_the_layout_does_not_allow_it(device):
 
 
 def test_hopper_options_are_checked(tmp_path, monkeypatch):
-    """A config's (or the table's) tma and epilogue_block_n are checked, naming the field."""
+    """A config's (or the table's) tma, pdl and epilogue_block_n are checked, naming the field;
+    pdl is ignored off CUDA (the interpreter has no grid dependency control)."""
     x, w13, w2, weights, ids = make_inputs(4, 3, 40, 24, 1, torch.float32, "cpu")
-    for bad, field in ((dict(tma="yes"), "config.tma"), (dict(epilogue_block_n=24), "config.epilogue_block_n")):
+    for bad, field in ((dict(tma="yes"), "config.tma"), (dict(pdl=1), "config.pdl"),
+                       (dict(epilogue_block_n=24), "config.epilogue_block_n")):
         with pytest.raises(ValueError, match=field):
             fused_moe(x, w13, w2, weights, ids, config=replace(_cfg(16, 1, 1), **bad))
+    out = poisoned(x.shape, x.dtype, "cpu")
+    fused_moe(x, w13, w2, weights, ids, out=out, config=replace(_cfg(16, 1, 1), pdl=True))
+    assert_close(out, ref_moe(x, w13, w2, weights, ids))
     gemm = {"block_n": 64, "block_k": 64, "group_m": 1, "num_warps": 4, "num_stages": 3}
     table = tmp_path / "moe.json"
     table.write_text('{"E=1,H=2,I=3": [{"max_tokens_per_expert": null, "block_m": 16, "tma": 1, '
@@ -334,6 +339,38 @@ def test_decode_step_captures_in_cuda_graph(T, top_k):
     graph.replay()
     weights, ids = route(logits, top_k)
     assert_close(out, ref_moe(x, w13, w2, weights, ids))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,I,top_k", [(1, 128, 1024, 1), (1, 16, 8192, 1), (4, 16, 8192, 2), (64, 16, 8192, 1),
+                                         (4096, 16, 8192, 1)])
+def test_hopper_options_on_gpu(T, E, I, top_k):
+    """MoeConfig's Hopper options (TMA, epilogue pieces, programmatic dependent launch) at the
+    real shapes on the GPU: the default config's answer within bf16 rounding, eagerly and
+    replayed from a CUDA graph (PDL edges captured) with new routing after capture."""
+    from llama4_fast.kernels import route
+    H = 5120
+    x, w13, w2, _, _ = make_inputs(T, E, H, I, top_k, torch.bfloat16, "cuda")
+    logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+    base = moe.launch_config(x, w13, w2, top_k)
+    out = torch.empty_like(x)
+    for cfg in (replace(base, tma=True, epilogue_block_n=64, pdl=True), replace(base, pdl=True),
+                replace(base, tma=True)):
+        def step():
+            weights, ids = route(logits, top_k)
+            fused_moe(x, w13, w2, weights, ids, out=out, config=cfg)
+
+        step()
+        weights, ids = route(logits, top_k)
+        assert_close(out, fused_moe(x, w13, w2, weights, ids, config=base))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        logits.copy_(torch.randn_like(logits))
+        out.fill_(float("nan"))
+        graph.replay()
+        weights, ids = route(logits, top_k)
+        assert_close(out, fused_moe(x, w13, w2, weights, ids, config=base))
 
 
 @pytest.mark.gpu

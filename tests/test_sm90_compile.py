@@ -230,8 +230,8 @@ def test_moe_training_and_variant_kernels_compile_for_sm90():
 
 
 def compile_moe_hopper() -> dict:
-    """{case: {"regs", "stack", "wgmma", "tma"}} for the bf16 MoE GEMMs at the H100 table's
-    tiles, plain and with both of MoeConfig's Hopper options (tma, epilogue_block_n=64): Scout
+    """{case: {"regs", "stack", "wgmma", "tma", "pdl"}} for the bf16 MoE GEMMs at the H100 table's
+    tiles, plain and with MoeConfig's Hopper options (tma, epilogue_block_n=64, pdl): Scout
     prefill (T=8192) and TP8 decode (T=1, K split), as a launch specialises them (16-divisible
     pointers and row strides, tensor descriptors for the weights and the down GEMM's A)."""
     import triton
@@ -248,11 +248,12 @@ def compile_moe_hopper() -> dict:
     for case, (T, E, I) in {"scout prefill": (8192, 16, 8192), "TP8 decode": (1, 128, 1024)}.items():
         plain = moe.select_config(T, 1, E, 5120, I, torch.bfloat16, num_sms=132, use_table=True)
         for hopper in (False, True):
-            cfg = replace(plain, tma=hopper, epilogue_block_n=64 if hopper else None)
+            cfg = replace(plain, tma=hopper, epilogue_block_n=64 if hopper else None, pdl=hopper)
             for gemm, g, gated in (("gate_up", cfg.gate_up, True), ("down", cfg.down, False)):
                 const = dict(DIRECT=cfg.direct(T), DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, GROUP_M=g.group_m,
                              BLOCK_B=256, BLOCK_N=g.block_n, BLOCK_K=g.block_k, A_ROW_DIV=1, GATED=gated,
-                             SCALE_C=gated, C_PARTIAL=g.split_k > 1, EPILOGUE_SPLIT=cfg.epilogue_split(g))
+                             SCALE_C=gated, C_PARTIAL=g.split_k > 1, EPILOGUE_SPLIT=cfg.epilogue_split(g),
+                             PDL=cfg.pdl)
                 descs = {}
                 if hopper:
                     descs["b_desc"] = f"tensordesc<bf16[1,{g.block_k},{g.block_n}]>"
@@ -282,20 +283,23 @@ def compile_moe_hopper() -> dict:
                                         options=dict(num_warps=g.num_warps, num_stages=g.num_stages))
                 usage = _resource_usage(kernel)
                 ptx = kernel.asm["ptx"]
-                usage.update(wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx)
+                usage.update(wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
+                             pdl="griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx)
                 out[f"{case}/{gemm}/{'hopper' if hopper else 'plain'}"] = usage
     return out
 
 
 def test_moe_hopper_options_compile_for_sm90_with_tma_and_without_spills():
-    """The Hopper options load through TMA and leave no spills at the table's tiles (the wide
-    prefill tiles spill without them: reported, as a GPU run decides between the two)."""
+    """The Hopper options load through TMA, wait on the previous grid (griddepcontrol) and leave
+    no spills at the table's tiles (the wide prefill tiles spill without them: reported, as a
+    GPU run decides between the two)."""
     results = compiled_in_subprocess("moe_hopper")
     assert len(results) == 8
     for name, r in results.items():
         print(f"{name}: {r}")
         hopper = name.endswith("hopper")
-        assert r["tma"] == hopper, f"{name}: TMA instructions {'missing' if hopper else 'unexpected'} ({r})"
+        for what in ("tma", "pdl"):
+            assert r[what] == hopper, f"{name}: {what} instructions {'missing' if hopper else 'unexpected'} ({r})"
         assert r["wgmma"] or name.startswith("TP8 decode"), f"{name}: no wgmma ({r})"
         if hopper:
             assert r["stack"] == 0, f"{name}: register spills ({r})"
