@@ -20,7 +20,8 @@
 # The default run is one device call: every benchmark at a reduced size, the ones whose numbers
 # no committed result has yet first (e2e, quant_matmul, the FP8/INT4 MoE, attention, qk_prologue),
 # then the GPU tests (most kernels have never run on a GPU), the training step (forward + backward
-# of one MoE and one attention layer), then the bf16 MoE, hf_patch and scaling, which session 1
+# of one MoE and one attention layer), MoeConfig's Hopper options against the table's configs
+# (tune_moe.py --hopper), then the bf16 MoE, hf_patch and scaling, which session 1
 # measured (the suite's deadline cuts from the end). Each step has a time limit (the table at the
 # bottom; the benchmarks also stop at their --budget-s), and a suite deadline of 470 s shortens or
 # skips whatever would run past it, so the call ends within
@@ -32,7 +33,7 @@ export PYTHONUNBUFFERED=1
 QUICK=""; PLAN=""
 [ "${1:-}" = "--quick" ] && { QUICK="--quick"; shift; }
 [ "${1:-}" = "--plan" ] && { PLAN=1; shift; }
-STEPS="e2e quant_matmul moe_fp8 moe_int4 attention qk_prologue gpu-tests train_step moe_dispatch hf_patch scaling"
+STEPS="e2e quant_matmul moe_fp8 moe_int4 attention qk_prologue gpu-tests train_step moe_hopper moe_dispatch hf_patch scaling"
 for name in "$@"; do
   [[ " all $STEPS " == *" $name "* ]] || { echo "unknown step '$name' (steps: all $STEPS)" >&2; exit 2; }
 done
@@ -92,7 +93,7 @@ fi
 if [ -n "$QUICK" ]; then
   MOE="--quick"; MOE_QUANT="--quick --no-shared --tokens 1"; ATTENTION="--quick --budget-s 80"
   E2E="--quick --depth short full --weights bf16 fp8 int4"; QM="--quick --budget-s 60"; QK="--quick --budget-s 25"
-  HF_PATCH="--quick"; SCALING=""; TRAIN="--quick"
+  HF_PATCH="--quick"; SCALING=""; TRAIN="--quick"; HOPPER="--hopper --quick --budget-s 15"
 elif [ -n "$LEASE_RUN" ]; then
   MOE="--shapes scout maverick --tokens 1 64 4096 --no-shared"
   MOE_QUANT="--shapes scout maverick --tokens 1 8 64 4096 --no-shared"
@@ -103,11 +104,14 @@ elif [ -n "$LEASE_RUN" ]; then
   QM="--budget-s 35"; QK="--budget-s 15"; HF_PATCH="--quick"; SCALING="--tokens 1 64"
   # one token count per MoE shape and the shortest attention layer, without flex's compile
   TRAIN="--shapes scout maverick --tokens 4096 --seqs 8192 --no-flex --budget-s 35"
+  # MoeConfig's Hopper options at Scout prefill and TP8 decode, each against the table's config
+  HOPPER="--hopper --cases scout:8192 maverick-tp8:1 --budget-s 45"
 else
   MOE=""; MOE_QUANT="--no-shared"; ATTENTION="--budget-s 80"
   # + Scout at 48 layers with INT4 then FP8 experts (--depth full: about 2 minutes each, a guess)
   E2E="--depth short full --budget-s 400 --repeats 1 --prompts 512 --batches 1 16 --weights bf16 int4 fp8"
   QM="--budget-s 60"; QK="--budget-s 25"; HF_PATCH=""; SCALING=""; TRAIN="--budget-s 240"
+  HOPPER="--hopper --cases scout:8192 scout:1 maverick:1 scout-tp8:1 maverick-tp8:1 maverick:64 --budget-s 240"
 fi
 #    name        limit (s): default run, full size
 step e2e          150 480 $PY benchmarks/e2e.py $E2E
@@ -118,6 +122,7 @@ step attention     55 115 $PY benchmarks/attention.py $ATTENTION
 step qk_prologue   30  45 $PY benchmarks/qk_prologue.py $QK
 [ -z "$QUICK" ] && step gpu-tests 90 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests
 step train_step    60 300 $PY benchmarks/train_step.py $TRAIN
+step moe_hopper    55 270 $PY benchmarks/tune_moe.py $HOPPER
 step moe_dispatch  40 220 $PY benchmarks/moe_dispatch.py $MOE
 step hf_patch      25  40 $PY benchmarks/hf_patch.py $HF_PATCH
 [ -z "$QUICK" ] && step scaling 30 60 $PY benchmarks/scaling.py $SCALING  # its CPU dry run is its own test

@@ -10,6 +10,7 @@ script exits 1 (common.exit_status) once the table and the JSON are out.
     python benchmarks/tune_moe.py                   # the default cases (~2 minutes on an H100)
     python benchmarks/tune_moe.py --hopper          # only MoeConfig's Hopper options, each case
     python benchmarks/tune_moe.py --hopper --cases scout:8192 maverick:1
+    python benchmarks/tune_moe.py --hopper --quick  # toy sizes; runs on CPU (interpreter)
 
 --hopper times each case's default config against the same tiles with MoeConfig's Hopper
 options (TMA descriptors, the epilogue in 64-column pieces, programmatic dependent launch), each
@@ -21,15 +22,18 @@ gemm.split_k's rule wait on.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # --quick: before triton is first imported
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import exit_status, markdown_table, rel_err, time_us, verdict, write_results, wrong_answer  # noqa: E402
+from common import Budget, exit_status, markdown_table, rel_err, time_us, verdict, write_results, wrong_answer  # noqa: E402
 
 from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import moe, route  # noqa: E402
@@ -38,6 +42,9 @@ from llama4_fast.kernels.gemm import GemmConfig  # noqa: E402
 # (E, H, I); -tp8: one of eight tensor-parallel shards of the experts (I / 8)
 SHAPES = {"scout": (16, 5120, 8192), "maverick": (128, 5120, 8192), "scout-tp8": (16, 5120, 1024),
           "maverick-tp8": (128, 5120, 1024)}
+# --quick: a toy shape (16-byte aligned rows, so the TMA options really take descriptors)
+QUICK_SHAPES = {"toy": (4, 64, 96)}
+QUICK_CASES = [("toy", 1), ("toy", 40)]
 # (shape, T): prefill where the target is compute, decode sizes where it is bandwidth.
 CASES = [("scout", 8192), ("scout", 1), ("maverick", 1), ("scout", 64), ("maverick", 64), ("maverick", 32)]
 PREFILL_GEMMS = {
@@ -51,6 +58,9 @@ DECODE_GEMMS = [GemmConfig(64, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 6), Gemm
 
 
 def graph_time(fn) -> float:
+    """Kernel time replayed from a CUDA graph; on CPU (--quick) the wall clock of eager calls."""
+    if not torch.cuda.is_available():
+        return time_us(fn, warmup_ms=0, rep_ms=0)
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -79,13 +89,15 @@ def hopper_candidates(base: moe.MoeConfig, T: int) -> list[tuple[str, moe.MoeCon
     return out
 
 
-def run_case(shape: str, T: int, hopper: bool = False) -> list[dict]:
-    E, H, I = SHAPES[shape]
-    gen = torch.Generator(device="cuda").manual_seed(T)
-    w13 = torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(0.02)
-    w2 = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(0.02)
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
-    weights, ids = route(torch.randn(T, E, device="cuda", dtype=torch.bfloat16, generator=gen), 1)
+def run_case(shape: str, T: int, budget: Budget, hopper: bool = False) -> list[dict]:
+    E, H, I = {**SHAPES, **QUICK_SHAPES}[shape]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter has no bf16 dot
+    gen = torch.Generator(device=dev).manual_seed(T)
+    w13 = torch.randn(E, H, 2 * I, device=dev, dtype=dtype, generator=gen).mul_(0.02)
+    w2 = torch.randn(E, I, H, device=dev, dtype=dtype, generator=gen).mul_(0.02)
+    x = torch.randn(T, H, device=dev, dtype=dtype, generator=gen)
+    weights, ids = route(torch.randn(T, E, device=dev, dtype=dtype, generator=gen), 1)
     base = moe.launch_config(x, w13, w2, 1)
     ref = moe._launch(x, w13, w2, weights, ids, True, torch.empty_like(x), base).float()
     torch_out = torch_ref.fused_moe(x, w13, w2, weights, ids)  # the default config's own check
@@ -111,6 +123,10 @@ def run_case(shape: str, T: int, hopper: bool = False) -> list[dict]:
         seen.append(cfg)
         out = torch.empty_like(x)
         row = {"shape": shape, "T": T, "config": label}
+        if budget.exhausted():
+            row["error"] = "skipped: time budget"
+            rows.append(row)
+            continue
         try:
             row["us"] = graph_time(lambda: moe._launch(x, w13, w2, weights, ids, True, out, cfg))
             row["err"] = rel_err(out, torch_out if label == "default" else ref)
@@ -120,6 +136,10 @@ def run_case(shape: str, T: int, hopper: bool = False) -> list[dict]:
         rows.append(row)
         print(f"  {shape} T={T} {label}: {row.get('us', float('nan')):.1f} us "
               f"err {row.get('err', float('nan')):.1e} {row.get('error', '')}", flush=True)
+    default_us = rows[0].get("us")
+    for r in rows:  # the same case's default over this candidate, from the same run
+        if default_us and "us" in r:
+            r["vs_default"] = default_us / r["us"]
     best = min((r for r in rows if "us" in r and not r.get("wrong")), key=lambda r: r["us"], default=None)
     if best:
         best["best"] = True
@@ -134,21 +154,27 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", metavar="SHAPE:T", default=[f"{s}:{t}" for s, t in CASES],
                         help=f"cases to run (default: all, {' '.join(f'{s}:{t}' for s, t in CASES)}); "
                              f"shapes: {', '.join(SHAPES)}")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock budget; candidates past it are skipped (default: none)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a toy shape instead of --cases (CPU-runnable through the Triton interpreter)")
     args = parser.parse_args(argv)
-    cases = []
-    for case in args.cases:
+    cases = list(QUICK_CASES) if args.quick else []
+    for case in [] if args.quick else args.cases:
         shape, _, tokens = case.partition(":")
         if shape not in SHAPES or not tokens.isdigit() or int(tokens) < 1:
             parser.error(f"--cases: {case!r} is not SHAPE:T with SHAPE in {sorted(SHAPES)} and T >= 1")
         cases.append((shape, int(tokens)))
-    if not torch.cuda.is_available():
-        print("tune_moe.py needs a CUDA GPU")
+    if not torch.cuda.is_available() and not args.quick:
+        print("tune_moe.py needs a CUDA GPU (or --quick)")
         return 0
     rows = []
+    budget = Budget(float("inf") if args.budget_s is None else args.budget_s)
     for shape, T in cases:
-        rows += run_case(shape, T, args.hopper)
-        torch.cuda.empty_cache()
-    cols = [("shape", "shape", ""), ("T", "T", ""), ("config", "config", ""), ("us", "graph us", ".1f"),
+        rows += run_case(shape, T, budget, args.hopper)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    cols = [("shape", "shape", ""), ("T", "T", ""), ("config", "config", ""), ("us", "graph us", ".1f"), ("vs_default", "default / this", ".2f"),
             ("err", "err", ".1e"), ("best", "best", "")]
     print(markdown_table(rows, cols))
     found = verdict([(f"{r['shape']} T={r['T']} {r['config']}", r.get("wrong")) for r in rows], [])

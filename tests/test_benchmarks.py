@@ -12,7 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "benchmarks" / "run_gpu_suite.sh"
 # The benchmarks that check answers: their JSON carries a "verdict" (common.verdict).
-CHECKED = ("moe_dispatch", "moe_dispatch_fp8", "moe_dispatch_int4", "attention", "qk_prologue", "quant_matmul")
+CHECKED = ("moe_dispatch", "moe_dispatch_fp8", "moe_dispatch_int4", "attention", "qk_prologue", "quant_matmul",
+           "tune_moe")
 NOTHING_WRONG = {"failures": [], "disagreements": []}
 
 
@@ -79,7 +80,7 @@ def test_default_plan_runs_every_benchmark_within_one_lease():
     assert "suite deadline 470 s" in head and 470 < 8 * 60
     steps = [line.split()[0] for line in lines]
     assert steps == ["install", "gpu-info", "e2e", "quant_matmul", "moe_fp8", "moe_int4", "attention", "qk_prologue",
-                     "gpu-tests", "train_step", "moe_dispatch", "hf_patch", "scaling"]
+                     "gpu-tests", "train_step", "moe_hopper", "moe_dispatch", "hf_patch", "scaling"]
     named = subprocess.run(["bash", str(SUITE), "--plan", "attention"], cwd=ROOT, capture_output=True, text=True,
                            timeout=60).stdout
     assert "deadline" not in named and "attention 115s: " in named and "--prefill" not in named
