@@ -248,8 +248,9 @@ def _moe_gemm_kernel(
     ACTIVATION: tl.constexpr = SILU,  # the gate's activation (_glu)
     # Hopper's tensor-memory accelerator (TMA), MoeConfig.tma; off: pointer loads. b_desc: a
     # tensor descriptor over B [E, K, N_total] with blocks [1, BLOCK_K, BLOCK_N] (dense B with
-    # unit column stride); a_desc: one over A [rows, K] with blocks [BLOCK_M, BLOCK_K], for an A
-    # whose rows of a block are consecutive (A_BY_SLOT, or DIRECT with A_ROW_DIV == 1)
+    # unit column stride; [1, BLOCK_K, 2 BLOCK_N] for GATED with GATE_UP_INTERLEAVED: gate and
+    # up columns in one block); a_desc: one over A [rows, K] with blocks [BLOCK_M, BLOCK_K],
+    # for an A whose rows of a block are consecutive (A_BY_SLOT, or DIRECT with A_ROW_DIV == 1)
     b_desc=None, a_desc=None,
     # the rows of A (A_BY_SLOT) or C (C_BY_SLOT) are dispatch slots, the pairs in expert order,
     # instead of pair indices: gate_up writes h so that each row block of the down GEMM reads
@@ -343,7 +344,11 @@ def _moe_gemm_kernel(
             a = a_desc.load([first_row, k0])  # end) only reach masked output rows
         else:
             a = tl.load(a_rows_ptrs + kk[None, :] * stride_ak, mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
-        if b_desc is not None:  # gate columns past N read up columns: masked output columns only
+        if b_desc is not None and GATED and GATE_UP_INTERLEAVED:  # one [BLOCK_K, 2 BLOCK_N] block
+            b_gate, b_up = b_desc.load([expert, k0, 2 * pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N, 2).split()
+            acc = tl.dot(a, b_gate, acc, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        elif b_desc is not None:  # gate columns past N read up columns: masked output columns only
             acc = tl.dot(a, b_desc.load([expert, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N), acc,
                          input_precision=DOT_PRECISION)
             if GATED:
@@ -932,17 +937,18 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
         return a, (scale, *scale.stride(), z, *z.stride(), a_scale, *a_scale.stride()), \
             dict(WEIGHT_FORMAT=quant.code, GROUP_K=quant.group_k)
 
-    # MoeConfig's Hopper options. tma: descriptors for dense weights whose gate and up columns
-    # are separate blocks (not interleaved), and h in expert order so that each row block of
-    # the down GEMM reads consecutive rows through one (in DIRECT, slot = pair already). pdl:
-    # on CUDA only (the interpreter has no grid dependency control).
+    # MoeConfig's Hopper options. tma: descriptors for dense weights (interleaved gate/up
+    # columns as one block twice as wide), and h in expert order so that each row block of the
+    # down GEMM reads consecutive rows through one (in DIRECT, slot = pair already). pdl: on
+    # CUDA only (the interpreter has no grid dependency control).
     g, d = cfg.gate_up, cfg.down
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
     pdl = dict(PDL=True, launch_pdl=True) if cfg.pdl and x.is_cuda else {}
     hopper1 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(g), **pdl)
     hopper2 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(d), **pdl)
-    if cfg.tma and quant is None and not variant.interleaved:
-        hopper1.update(b_desc=_descriptor(w13, [1, g.block_k, g.block_n]), C_BY_SLOT=True)
+    if cfg.tma and quant is None:
+        gate_up_block = [1, g.block_k, 2 * g.block_n if variant.interleaved else g.block_n]
+        hopper1.update(b_desc=_descriptor(w13, gate_up_block), C_BY_SLOT=True)
         hopper2.update(b_desc=_descriptor(w2, [1, d.block_k, d.block_n]),
                        a_desc=_descriptor(h, [cfg.block_m, d.block_k]), A_BY_SLOT=True)
 

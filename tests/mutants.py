@@ -68,7 +68,8 @@ PROLOGUE = ("tests/test_qk_prologue.py",)
 MOE_BACKWARD = ("tests/test_moe_backward.py",)
 EXPERTS = ("tests/test_moe_kernel.py", "tests/test_moe_backward.py")
 ATTENTION_BACKWARD = ("tests/test_attention_backward.py",)
-HOPPER = ("tests/test_moe_kernel.py::test_tma_matches_float64", "tests/test_moe_kernel.py::test_epilogue_in_column_pieces")
+HOPPER = ("tests/test_moe_kernel.py::test_tma_matches_float64", "tests/test_moe_kernel.py::test_epilogue_in_column_pieces",
+          "tests/test_moe_kernel.py::test_expert_variants_with_tma")
 
 MUTANTS = [
     # -- the five of issue 17 ------------------------------------------------------------------
@@ -144,6 +145,9 @@ MUTANTS = [
     Mutant("moe-tma-a-block-row", "kernels/moe.py",
            "a = a_desc.load([first_row, k0])", "a = a_desc.load([first_row - first_row % BLOCK_M, k0])", HOPPER,
            "the down GEMM's A block read from a block-aligned row instead of the block's first slot"),
+    Mutant("moe-tma-interleaved-halves", "kernels/moe.py",
+           "b_gate, b_up = b_desc.load(", "b_up, b_gate = b_desc.load(", HOPPER,
+           "interleaved gate/up through TMA: the gate and up halves of the block swapped"),
     Mutant("moe-epilogue-piece-columns", "kernels/moe.py",
            "            _store_piece(rows_ptr, n1, a1, row_mask, N, stride_cn)",
            "            _store_piece(rows_ptr, n0, a1, row_mask, N, stride_cn)", HOPPER,

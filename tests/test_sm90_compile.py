@@ -232,8 +232,10 @@ def test_moe_training_and_variant_kernels_compile_for_sm90():
 def compile_moe_hopper() -> dict:
     """{case: {"regs", "stack", "wgmma", "tma", "pdl"}} for the bf16 MoE GEMMs at the H100 table's
     tiles, plain and with MoeConfig's Hopper options (tma, epilogue_block_n=64, pdl): Scout
-    prefill (T=8192) and TP8 decode (T=1, K split), as a launch specialises them (16-divisible
-    pointers and row strides, tensor descriptors for the weights and the down GEMM's A)."""
+    prefill (T=8192) and TP8 decode (T=1, K split), and gpt-oss-120b's prefill (T=2048, top-4,
+    heuristic tiles; interleaved gate/up, clamped SwiGLU, biases), as a launch specialises them
+    (16-divisible pointers and row strides, tensor descriptors for the weights and the down
+    GEMM's A)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -244,19 +246,24 @@ def compile_moe_hopper() -> dict:
     pointers = dict(topk_ids_ptr="*i32", topk_weights_ptr="*fp32", sorted_pairs_ptr="*i32", expert_offsets_ptr="*i32",
                     block_offsets_ptr="*i32", a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", bs_ptr="*bf16",
                     bz_ptr="*u8", as_ptr="*fp32")
+    gpt_oss = dict(GATE_UP_INTERLEAVED=True, ACTIVATION=moe.CLAMPED_SWIGLU.value)
+    cases = {"scout prefill": (8192, 1, 16, 5120, 8192, {}), "TP8 decode": (1, 1, 128, 5120, 1024, {}),
+             "gpt-oss prefill": (2048, 4, 128, 2880, 2880, gpt_oss)}
     out = {}
-    for case, (T, E, I) in {"scout prefill": (8192, 16, 8192), "TP8 decode": (1, 128, 1024)}.items():
-        plain = moe.select_config(T, 1, E, 5120, I, torch.bfloat16, num_sms=132, use_table=True)
+    for case, (T, top_k, E, H, I, variant) in cases.items():
+        plain = moe.select_config(T, top_k, E, H, I, torch.bfloat16, num_sms=132, use_table=True)
         for hopper in (False, True):
             cfg = replace(plain, tma=hopper, epilogue_block_n=64 if hopper else None, pdl=hopper)
             for gemm, g, gated in (("gate_up", cfg.gate_up, True), ("down", cfg.down, False)):
-                const = dict(DIRECT=cfg.direct(T), DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, GROUP_M=g.group_m,
-                             BLOCK_B=256, BLOCK_N=g.block_n, BLOCK_K=g.block_k, A_ROW_DIV=1, GATED=gated,
-                             SCALE_C=gated, C_PARTIAL=g.split_k > 1, EPILOGUE_SPLIT=cfg.epilogue_split(g),
-                             PDL=cfg.pdl)
+                const = dict(DIRECT=cfg.direct(T * top_k), DOT_PRECISION="tf32", BLOCK_M=cfg.block_m,
+                             GROUP_M=g.group_m, BLOCK_B=256, BLOCK_N=g.block_n, BLOCK_K=g.block_k, A_ROW_DIV=1,
+                             GATED=gated, SCALE_C=gated and not variant, C_PARTIAL=g.split_k > 1 or top_k > 1,
+                             EPILOGUE_SPLIT=cfg.epilogue_split(g), PDL=cfg.pdl, **(variant if gated else {}))
+                ptrs = dict(pointers, bias_ptr="*bf16") if variant else pointers
                 descs = {}
                 if hopper:
-                    descs["b_desc"] = f"tensordesc<bf16[1,{g.block_k},{g.block_n}]>"
+                    width = 2 * g.block_n if gated and variant else g.block_n
+                    descs["b_desc"] = f"tensordesc<bf16[1,{g.block_k},{width}]>"
                     if gated:
                         const["C_BY_SLOT"] = True
                     else:
@@ -271,13 +278,15 @@ def compile_moe_hopper() -> dict:
                         sig[n] = "constexpr"
                     elif n in descs:
                         sig[n] = descs[n]
-                    elif n in pointers:
-                        sig[n] = "*fp32" if n == "c_ptr" and g.split_k > 1 else pointers[n]
+                    elif n in ptrs:
+                        sig[n] = "*fp32" if n == "c_ptr" and const["C_PARTIAL"] else ptrs[n]
+                    elif n.startswith("glu_") and gated and variant:
+                        sig[n] = "fp32"
                     elif fn.params[names.index(n)].default is None:  # left at None by the launcher
                         sig[n], const[n] = "constexpr", None
                     else:
                         sig[n] = "i32"
-                div = [n for n in pointers] + ["stride_be", "stride_bk", "stride_am", "stride_cm", "c_split_stride"]
+                div = [n for n in ptrs] + ["stride_be", "stride_bk", "stride_am", "stride_cm", "c_split_stride"]
                 attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
                 kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                                         options=dict(num_warps=g.num_warps, num_stages=g.num_stages))
@@ -294,7 +303,7 @@ def test_moe_hopper_options_compile_for_sm90_with_tma_and_without_spills():
     no spills at the table's tiles (the wide prefill tiles spill without them: reported, as a
     GPU run decides between the two)."""
     results = compiled_in_subprocess("moe_hopper")
-    assert len(results) == 8
+    assert len(results) == 12
     for name, r in results.items():
         print(f"{name}: {r}")
         hopper = name.endswith("hopper")
