@@ -50,6 +50,13 @@ def _compile_sm90(fn, pointer_types: dict, constexprs: dict, num_warps: int) -> 
 
     names = fn.arg_names
     sig = {n: pointer_types.get(n, "*fp32") if n.endswith("_ptr") else "i32" for n in names}
+    constexprs = dict(constexprs)
+    # Options left at their defaults (Llama 4's); one the launcher leaves at None (a bias, a
+    # descriptor) is a constexpr None.
+    for param in fn.params:
+        if param.name not in pointer_types and param.name not in constexprs and \
+                (param.is_constexpr or param.default is None):
+            constexprs[param.name] = param.default
     sig.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 3}).asm["ptx"]
@@ -176,9 +183,9 @@ def compile_moe_training() -> dict:
                 sig[n] = pointers.get(n, "*fp32")
             else:
                 sig[n] = "fp32" if n.startswith("glu_") else "i32"
-        unused = [n for n in names if n.endswith("_ptr") and n not in pointers and fn.params[names.index(n)]
-                  .default is None]
-        for n in unused:  # a pointer the launcher leaves at None is a constexpr None
+        unused = [n for n in names if n.endswith(("_ptr", "_desc")) and n not in pointers
+                  and fn.params[names.index(n)].default is None]
+        for n in unused:  # a pointer or descriptor the launcher leaves at None is a constexpr None
             sig[n], const[n] = "constexpr", None
         kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=num_warps, num_stages=num_stages))
