@@ -8,11 +8,21 @@ Llama 4 head shapes (40 query heads, 8 KV heads, head dim 128, bf16, batch 1 pre
 Prefill, per sequence length, for a chunked layer (C = 8192, Llama 4's RoPE layers) and a
 global causal layer (the NoPE layers):
   ours   the Triton kernel;
+  ours_tma, ours_tma_n128  the same kernel in its unmeasured forward variants
+         (kernels.attention.forward_variant): K/V tiles through TMA descriptors, with the
+         table's 64-key tiles and with 128-key tiles; `tma` says whether the layout let TMA run.
   sdpa   torch scaled_dot_product_attention: is_causal with enable_gqa for the global layer
          (flash / cuDNN / efficient backends only); for the chunked layer a dense boolean
          S x S mask with K/V repeated to 40 heads (the efficient backend), skipped past 32k;
   flex   torch flex_attention, compiled once, with the block mask transformers builds
-         (create_block_mask of the causal / chunked-causal mask_mod).
+         (create_block_mask of the causal / chunked-causal mask_mod);
+  sdpa_chunks  (chunked layer, S > C) the opt-in hand-over of llama4_fast/backends/sdpa.py
+         (`chunked_prefill`): causal SDPA over the B * (S // C) whole chunks as one batch,
+         plus one call for a partial last chunk (flash / cuDNN / efficient backends only).
+         Its entry records the fused kernel torch ran on the chunks (`backend`) and the
+         backend `ops.attention` takes with `sdpa.set_chunked_prefill(True)`
+         (`ops_with_switch_on`): against ours in the same row, what decides that switch's
+         default.
 The table also says which fused kernel torch's SDPA ran for the global layer, and which backend
 `ops.attention` takes for the case (llama4_fast/backends/sdpa.py hands plain causal prefill to
 cuDNN where torch picks it).
@@ -56,6 +66,7 @@ import common  # noqa: E402
 from common import Flex  # noqa: E402
 from llama4_fast import registry  # noqa: E402
 from llama4_fast.backends import sdpa as sdpa_backend  # noqa: E402
+from llama4_fast.kernels import attention as attention_kernels  # noqa: E402
 from llama4_fast.kernels import chunked_attention  # noqa: E402
 
 HQ, HKV, HEAD_DIM, CHUNK = 40, 8, 128, 8192
@@ -66,6 +77,8 @@ QUICK_CPU = dict(prefill=[96, 160], contexts=[160, 1024], batches=[1, 2], heads=
 QUICK_GPU = dict(prefill=[2048, 8192], contexts=[8192, 32768], batches=[1, 16], heads=(HQ, HKV), head_dim=HEAD_DIM,
                  chunk=CHUNK)
 SDPA_DENSE_MAX = 32768  # the dense bool mask is S^2 bytes (1 GiB at 32k, 16 GiB at 128k)
+# Prefill variants of ours that no GPU run has measured yet (kernels.attention.forward_variant).
+FORWARD_VARIANTS = {"ours_tma": dict(tma=True), "ours_tma_n128": dict(tma=True, block_n=128)}
 
 
 def visible_pairs(S: int, chunk: int | None) -> int:
@@ -209,12 +222,49 @@ def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:
                     base = _failure("sdpa", e)
             else:
                 base = {"error": f"skipped: dense {S}x{S} mask"}
+            baselines = {"sdpa": base}
+            for name, variant in FORWARD_VARIANTS.items():
+                def variant_fn(q, k, v, chunk=chunk, variant=variant):
+                    with attention_kernels.forward_variant(**variant):
+                        return chunked_attention(q, k, v, chunk_size=chunk)
+                baselines[name] = run_case(name, variant_fn, inputs, budget, probe, answers.baseline)
+                baselines[name]["tma"] = attention_kernels.tma_layout_ok(*probe[1:])
+            if chunk is not None:
+                baselines["sdpa_chunks"] = chunk_handover(probe, inputs, chunk, budget, answers, fused, device)
             rows.append({"S": S, "layer": layer, "flops": 4 * D * visible_pairs(S, chunk) * hq, "bytes": set_bytes,
                          "op_backend": registry.select("attention", *probe, chunk_size=chunk).name,
-                         "ours": ours, "baselines": {"sdpa": base},
+                         "ours": ours, "baselines": baselines,
                          "_pending": (chunk, inputs, probe, answers)})
             _rates(rows[-1], ceilings)
     return rows
+
+
+def chunk_handover(probe, inputs, chunk: int, budget, answers, fused, device) -> dict:
+    """The entry of sdpa_chunks (module docstring) for one chunked prefill case: timed and
+    checked against ours like any baseline, with the SDPA kernel torch picks for the
+    whole-chunk call and the backend ops.attention takes with the switch on. A sequence of one
+    chunk or less is the plain hand-over's case (the sdpa column), so it is skipped."""
+    from torch.nn.attention import sdpa_kernel
+
+    if probe[0].shape[2] <= chunk:
+        return {"error": "skipped: one chunk (the plain hand-over, column sdpa)"}
+
+    def restricted():
+        return sdpa_kernel(fused) if device == "cuda" else contextlib.nullcontext()
+
+    def sdpa_chunks(q, k, v):
+        with restricted():
+            return sdpa_backend.chunked_prefill(q, k, v, chunk)
+
+    entry = run_case("sdpa_chunks", sdpa_chunks, inputs, budget, probe, answers.baseline)
+    with restricted():
+        entry["backend"] = sdpa_backend.chunks_choice(*probe, chunk)
+    previous = sdpa_backend.set_chunked_prefill(True)
+    try:
+        entry["ops_with_switch_on"] = registry.select("attention", *probe, chunk_size=chunk).name
+    finally:
+        sdpa_backend.set_chunked_prefill(previous)
+    return entry
 
 
 # Seconds of budget a flex case needs before it starts: the first one compiles (tens of seconds).
@@ -368,8 +418,13 @@ def print_tables(prefill: list[dict], decode: list[dict], ceilings: dict, title:
         ("ours_pct_matmul_peak", "% peak", ".0f"),
         ("sdpa_us", "sdpa us", ".0f"), ("sdpa_tflops", "sdpa TFLOP/s", ".0f"),
         ("flex_us", "flex us", ".0f"), ("flex_tflops", "flex TFLOP/s", ".0f"),
+        ("ours_tma_us", "tma us", ".0f"), ("ours_tma_n128_us", "tma n128 us", ".0f"),
+        ("sdpa_chunks_us", "sdpa_chunks us", ".0f"), ("sdpa_chunks_tflops", "sdpa_chunks TFLOP/s", ".0f"),
         ("sdpa_ours_speedup", "x vs sdpa", ".2f"), ("flex_ours_speedup", "x vs flex", ".2f"),
-        ("sdpa_backend", "sdpa ran", ""), ("op_backend", "ops.attention uses", ""), ("disagrees", "disagrees", "")]))
+        ("sdpa_chunks_ours_speedup", "x vs sdpa_chunks", ".2f"),
+        ("sdpa_backend", "sdpa ran", ""), ("sdpa_chunks_backend", "sdpa_chunks ran", ""),
+        ("op_backend", "ops.attention uses", ""), ("sdpa_chunks_ops_with_switch_on", "with chunked switch on", ""),
+        ("disagrees", "disagrees", "")]))
     print("\ndecode (1 new token per sequence; TB/s over K/V of the visible keys + q/out; % of the HBM roofline)")
     print(_table(decode, ["context", "batch", "layer"], [
         ("context", "context", ""), ("batch", "batch", ""), ("layer", "layer", ""),

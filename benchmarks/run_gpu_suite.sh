@@ -99,7 +99,7 @@ elif [ -n "$LEASE_RUN" ]; then
   MOE_QUANT="--shapes scout maverick --tokens 1 8 64 4096 --no-shared"
   # the decode target's cases (128k, batch 1) and the prefill lengths where ops.attention may
   # hand over to SDPA; flex at 32k was measured in session 1
-  ATTENTION="--prefill 8192 32768 --contexts 8192 131072 --batches 1 16 --no-flex --budget-s 35"
+  ATTENTION="--prefill 8192 32768 --contexts 8192 131072 --batches 1 16 --no-flex --budget-s 45"
   E2E="--budget-s 110 --repeats 1 --prompts 512 --batches 1 16 --weights bf16 fp8 int4"
   QM="--budget-s 35"; QK="--budget-s 15"; HF_PATCH="--quick"; SCALING="--tokens 1 64"
   # one token count per MoE shape and the shortest attention layer, without flex's compile
@@ -118,7 +118,7 @@ step e2e          150 480 $PY benchmarks/e2e.py $E2E
 step quant_matmul  50  90 $PY benchmarks/quant_matmul.py $QM
 step moe_fp8       40 220 $PY benchmarks/moe_dispatch.py --weights fp8 $MOE_QUANT
 step moe_int4      40 220 $PY benchmarks/moe_dispatch.py --weights int4 $MOE_QUANT
-step attention     55 115 $PY benchmarks/attention.py $ATTENTION
+step attention     65 115 $PY benchmarks/attention.py $ATTENTION
 step qk_prologue   30  45 $PY benchmarks/qk_prologue.py $QK
 [ -z "$QUICK" ] && step gpu-tests 90 120 $PY -m pytest -q -m gpu -p no:cacheprovider tests
 step train_step    60 300 $PY benchmarks/train_step.py $TRAIN

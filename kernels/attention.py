@@ -20,6 +20,10 @@ Public entry points
     kv_len) from dO, the forward's out and its lse.
 ``supports_head_dim(d) -> bool``
     Any head dim 1..256; non-powers of two run in a padded tile with masked loads.
+``forward_variant(*, tma=False, block_n=None)``
+    Context manager: inside it, 16-bit prefill launches load K/V tiles through TMA tensor
+    descriptors (where the layout allows, ``tma_layout_ok``) and / or take ``block_n``-key
+    tiles. Unmeasured variants, off by default, for a GPU benchmark to compare.
 
 Design
 ------
@@ -90,15 +94,20 @@ instead of stored (O(S) memory, not O(S^2)):
 Launch configs come from a fixed table (``_launch_config``) chosen for H100 and checked with
 ptxas for sm_90, head dims 16..256: the 16-bit configs do not spill on triton 3.6 or 3.9 (the
 fp32 path keeps an 8-byte stack on 3.6). There is no autotuning, so a first call compiles one
-kernel variant (plus the merge kernel when it splits). The backward's table
-(``_bwd_launch_config``) is taken from the Triton tutorial and only checked for spills, not
-measured.
+kernel variant (plus the merge kernel when it splits). ``forward_variant`` swaps in the
+unmeasured TMA / 128-key-tile variants of the 16-bit prefill config, as the same kernel
+(``KV_TMA`` constexpr): with TMA, the copy engine zero-fills what the pointer masks zero, and
+masked tiles zero the values past the block's last key, so the results match. The
+backward's table (``_bwd_launch_config``) is taken from the Triton tutorial and only checked
+for spills, not measured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -197,21 +206,32 @@ def _block_key_range(first_hi, last_hi, kv_start, chunk_size, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _attend_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, k_offs, v_offs, stride_kn, stride_vn,
+def _attend_tiles(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, b, kv_head,
                   start, end, offs_n, d_ok, row_lo, row_hi, key_end, qk_scale,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, MASK_D: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, MASK_D: tl.constexpr,
+                  KV_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) over key tiles [start, end) step BLOCK_N.
 
-    k_ptr / v_ptr point at key `start` of this (batch, KV head); k_offs / v_offs are the
-    int32 offsets inside one [BLOCK_N, BLOCK_D] tile. MASKED tiles apply the per-row visible
-    interval [row_lo, row_hi] (key indices) and read no key at or past key_end (the block's
-    key range end, so no key that no row of the block sees); unmasked tiles trust the caller
-    that every row sees every key of the tile.
+    Pointer loads (KV_TMA False): k_base / v_base point at key 0 of this (batch b, KV head);
+    k_offs / v_offs are the int32 offsets inside one [BLOCK_N, BLOCK_D] tile. TMA loads
+    (KV_TMA): k_base / v_base are [B, Hkv, Skv, D] tensor descriptors with [1, 1, BLOCK_N,
+    BLOCK_D] blocks, addressed by (b, kv_head, key, 0); the copy engine fills keys past Skv and
+    columns past D with zeros, as the pointer path's masks do. MASKED tiles apply the per-row
+    visible interval [row_lo, row_hi] (key indices) and read no key at or past key_end (the
+    block's key range end, so no key that no row of the block sees; TMA loads the whole tile,
+    so its v rows there are zeroed: a NaN in them would otherwise reach the rows through
+    p = 0); unmasked tiles trust the caller that every row sees every key of the tile.
     """
+    if not KV_TMA:
+        k_ptr = k_base + start.to(tl.int64) * stride_kn
+        v_ptr = v_base + start.to(tl.int64) * stride_vn
     for n0 in range(start, end, BLOCK_N):
         if MASKED:
             keys = n0 + offs_n
+        if KV_TMA:
+            # Keys past key_end need no zeroing here: their scores are masked to -inf below.
+            k = k_base.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED:
             k = _load_2d(k_ptr + k_offs, keys < key_end, d_ok, True, MASK_D)
         else:  # the whole tile is in bounds (row_ok is unused)
             k = _load_2d(k_ptr + k_offs, offs_n, d_ok, False, MASK_D)
@@ -229,15 +249,20 @@ def _attend_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, k_offs, v_offs, stride_kn, str
         p = tl.exp2(qk - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
+        if KV_TMA:
+            v = v_base.load([b, kv_head, n0, 0]).reshape(BLOCK_N, BLOCK_D)
+            if MASKED:
+                v = tl.where((keys < key_end)[:, None], v, 0.0)
+        elif MASKED:
             v = _load_2d(v_ptr + v_offs, keys < key_end, d_ok, True, MASK_D)
         else:
             v = _load_2d(v_ptr + v_offs, offs_n, d_ok, False, MASK_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
-        k_ptr += BLOCK_N * stride_kn
-        v_ptr += BLOCK_N * stride_vn
+        if not KV_TMA:
+            k_ptr += BLOCK_N * stride_kn
+            v_ptr += BLOCK_N * stride_vn
     return acc, l_i, m_i
 
 
@@ -260,10 +285,12 @@ def _attn_fwd(
     KV_LEN_TENSOR: tl.constexpr,  # sequence b has KVLen[b] <= seq_kv keys (else seq_kv)
     SPLIT: tl.constexpr,          # write partials for _merge_splits instead of Out
     STORE_LSE: tl.constexpr,      # (not SPLIT) also write each row's log2-sum-exp2 to PartialLSE
+    KV_TMA: tl.constexpr,         # K, V are [B, Hkv, Skv, D] tensor descriptors (TMA), not pointers
     INPUT_PRECISION: tl.constexpr,
 ):
     """Grid: (row blocks, B * head_groups, num_splits). Row blocks run in reverse so that the
-    longest causal blocks start first and the short ones fill the tail of the wave."""
+    longest causal blocks start first and the short ones fill the tail of the wave. With KV_TMA
+    the K/V strides are unused (the descriptors hold them)."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -304,8 +331,12 @@ def _attn_fwd(
     q_rows = _row_offsets(rows, b, hp, stride_qb, stride_qh, stride_qm, PACK)
     q = _load_2d(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, row_ok, d_ok, True, MASK_D)
 
-    k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    if KV_TMA:  # tiles are addressed by coordinates (b, kv_head, key, 0)
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     k_offs = offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_offs = offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
@@ -316,22 +347,22 @@ def _attn_fwd(
     # Phase 1: tiles before the keys every row sees (chunk start / padding straddles).
     p1_hi = tl.minimum(mid_lo, s_hi)
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base + s_lo.to(tl.int64) * stride_kn, v_base + s_lo.to(tl.int64) * stride_vn,
-        k_offs, v_offs, stride_kn, stride_vn, s_lo, p1_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
-        BLOCK_N, True, MASK_D, INPUT_PRECISION)
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, b, kv_head,
+        s_lo, p1_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
+        BLOCK_N, BLOCK_D, True, MASK_D, KV_TMA, INPUT_PRECISION)
     # Phase 2: the unmasked bulk.
     p2_lo = tl.maximum(mid_lo, s_lo)
     p2_hi = tl.minimum(mid_hi, s_hi)
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base + p2_lo.to(tl.int64) * stride_kn, v_base + p2_lo.to(tl.int64) * stride_vn,
-        k_offs, v_offs, stride_kn, stride_vn, p2_lo, p2_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
-        BLOCK_N, False, MASK_D, INPUT_PRECISION)
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, b, kv_head,
+        p2_lo, p2_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
+        BLOCK_N, BLOCK_D, False, MASK_D, KV_TMA, INPUT_PRECISION)
     # Phase 3: the diagonal and the sequence end.
     p3_lo = tl.maximum(mid_hi, s_lo)
     acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_base + p3_lo.to(tl.int64) * stride_kn, v_base + p3_lo.to(tl.int64) * stride_vn,
-        k_offs, v_offs, stride_kn, stride_vn, p3_lo, s_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
-        BLOCK_N, True, MASK_D, INPUT_PRECISION)
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, stride_kn, stride_vn, b, kv_head,
+        p3_lo, s_hi, offs_n, d_ok, row_lo, row_hi, hi, qk_scale,
+        BLOCK_N, BLOCK_D, True, MASK_D, KV_TMA, INPUT_PRECISION)
 
     # Rows that see no key of this split's range come out as zeros (weight nothing in the merge),
     # whatever the tiles held (0 x NaN in v is NaN). A row that does see keys divides by l > 0,
@@ -656,6 +687,86 @@ class LaunchConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # forward only: K/V tiles through TMA tensor descriptors (forward_variant)
+
+
+# The forward variant a measurement asked for (forward_variant); None: the table's configs.
+_VARIANT: dict | None = None
+
+
+@contextlib.contextmanager
+def forward_variant(*, tma: bool = False, block_n: int | None = None):
+    """Inside the block, chunked_attention's 16-bit prefill launches (float16/bfloat16,
+    Sq > DECODE_MAX_Q; decode and float32 keep the table) run this variant of the table's
+    config; nested blocks replace outer ones, and the table is back on exit:
+
+    tma: load K and V tiles through TMA (one host-side ``TensorDescriptor`` over [B, Hkv, Skv,
+        D] each, [1, 1, BLOCK_N, BLOCK_D] blocks) where the layout allows (``tma_layout_ok``:
+        unit last stride, 16-byte aligned base and strides); elsewhere, or on a triton without
+        host descriptors, the pointer loads run and a warning says so.
+    block_n: keys per tile, a power of two 16..128, for padded head dims up to 128 (the table
+        keeps D = 256's 32-key tiles: wider ones do not fit shared memory). Past 64 keys the
+        launch takes 2 stages: at D = 128, 3 stages of 128-key K and V tiles plus the query
+        tile need 224 KiB of the 227 KiB shared memory.
+
+    Neither is measured on a GPU: the table (pointer loads, 64-key tiles at D <= 128) stays the
+    default until a run decides; benchmarks/attention.py times the variants beside it.
+    """
+    global _VARIANT
+    if not isinstance(tma, bool):
+        raise TypeError(f"tma must be a bool, got {type(tma).__name__}")
+    if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int)
+                                or block_n not in (16, 32, 64, 128)):
+        raise ValueError(f"block_n must be None or a power of two from 16 to 128, got {block_n!r}")
+    previous, _VARIANT = _VARIANT, dict(tma=tma, block_n=block_n)
+    try:
+        yield
+    finally:
+        _VARIANT = previous
+
+
+def tma_layout_ok(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can address every tensor: unit stride in the last dimension, the base and
+    every other stride a multiple of 16 bytes (the copy engine's alignment rule)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _forward_config(block_d: int, dtype: torch.dtype, decode: bool, rows: int, k, v) -> LaunchConfig:
+    """The table's config (_launch_config), with the forward_variant in force applied."""
+    cfg = _launch_config(block_d, dtype, decode, rows)
+    if _VARIANT is None or decode or dtype == torch.float32:
+        return cfg
+    if _VARIANT["block_n"] is not None and block_d <= 128:
+        stages = 2 if _VARIANT["block_n"] > 64 else cfg.num_stages
+        cfg = replace(cfg, block_n=_VARIANT["block_n"], num_stages=stages)
+    if _VARIANT["tma"]:
+        why = None if tma_layout_ok(k, v) else "k / v layout (tma_layout_ok)"
+        if why is None and _tensor_descriptor() is None:
+            why = f"triton {triton.__version__} has no host-side TensorDescriptor"
+        if why is None:
+            cfg = replace(cfg, tma=True)
+        else:
+            warnings.warn(f"forward_variant(tma=True): pointer loads run instead of TMA: {why}", stacklevel=3)
+    return cfg
+
+
+def _tensor_descriptor():
+    """triton.tools.tensor_descriptor.TensorDescriptor, or None on a triton without it."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def _kv_descriptor(t: torch.Tensor, block_n: int, block_d: int):
+    """A [B, Hkv, Skv, D] descriptor of K or V whose blocks are one (batch, KV head)'s
+    [block_n, block_d] tile; loads past Skv or D read zeros."""
+    return _tensor_descriptor()(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d])
 
 
 def _launch_config(block_d: int, dtype: torch.dtype, decode: bool, rows: int) -> LaunchConfig:
@@ -806,7 +917,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
     head_groups = Hq // pack
     rows = Sq * pack
     block_d = max(16, triton.next_power_of_2(D))
-    cfg = _launch_config(block_d, q.dtype, decode, rows)
+    cfg = _forward_config(block_d, q.dtype, decode, rows, k, v)
     m_blocks = triton.cdiv(rows, cfg.block_m)
     if B * head_groups > _MAX_GRID_Y:
         raise ValueError(f"B * Hq / {pack} = {B * head_groups} programs exceed the grid limit {_MAX_GRID_Y}")
@@ -827,14 +938,16 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chun
 
     kv_tensor = isinstance(kv_start, torch.Tensor)
     scale = D ** -0.5 if scale is None else float(scale)
+    k_arg, v_arg = (_kv_descriptor(k, cfg.block_n, block_d), _kv_descriptor(v, cfg.block_n, block_d)) \
+        if cfg.tma else (k, v)
     _attn_fwd[(m_blocks, B * head_groups, splits)](
-        q, k, v, out, partial_o, partial_lse, kv_start if kv_tensor else q, q if kv_len is None else kv_len,
+        q, k_arg, v_arg, out, partial_o, partial_lse, kv_start if kv_tensor else q, q if kv_len is None else kv_len,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         0 if kv_tensor else kv_start, Sq, Skv, head_groups,
         1 if chunk_size is None else min(chunk_size, 2**31 - 1), scale * _LOG2E,
         GROUP=group, PACK=pack, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         CHUNKED=chunk_size is not None, KV_START_TENSOR=kv_tensor, KV_LEN_TENSOR=kv_len is not None, SPLIT=split,
-        STORE_LSE=lse is not None, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        STORE_LSE=lse is not None, KV_TMA=cfg.tma, INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:

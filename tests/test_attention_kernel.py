@@ -319,7 +319,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         sig.update(PartialO="*fp32", PartialLSE="*fp32", KVStart="*i64", KVLen="*i32", qk_scale="fp32")
         const = dict(GROUP=5, PACK=5 if decode else 1, HEAD_DIM=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                      BLOCK_D=128, CHUNKED=True, KV_START_TENSOR=decode, KV_LEN_TENSOR=decode, SPLIT=split,
-                     STORE_LSE=False, INPUT_PRECISION="tf32",
+                     STORE_LSE=False, KV_TMA=False, INPUT_PRECISION="tf32",
                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
         sig.update({n: "constexpr" for n in const})
         # what a launch specialises: 16-byte aligned pointers, strides/chunk divisible by 16
