@@ -152,6 +152,13 @@ MUTANTS = [
            "            _store_piece(rows_ptr, n1, a1, row_mask, N, stride_cn)",
            "            _store_piece(rows_ptr, n0, a1, row_mask, N, stride_cn)", HOPPER,
            "the second epilogue piece stored over the first"),
+    Mutant("attention-tma-values-past-key-end", "kernels/attention.py",
+           "v = tl.where((keys < key_end)[:, None], v, 0.0)", "v = v + 0.0", ("tests/test_attention_tma.py",),
+           "TMA loads whole tiles: without zeroing, values past kv_len (NaN in a static cache) reach the rows"),
+    Mutant("sdpa-chunks-tail-causal", "llama4_fast/backends/sdpa.py",
+           "    tail = attend(q[:, :, main:], k[:, :, main:], v[:, :, main:])",
+           "    tail = attend(q[:, :, main:], k[:, :, main - 1:-1], v[:, :, main - 1:-1])", ("tests/test_sdpa_backend.py",),
+           "the partial last chunk attends to keys shifted by one position"),
     # -- attention backward ----------------------------------------------------------------------------
     Mutant("attention-bwd-delta", "kernels/attention.py",
            "ds_t = tl.where(visible, p_t * (dp_t - delta[None, :]), 0.0)",
