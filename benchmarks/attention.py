@@ -68,6 +68,7 @@ from llama4_fast import registry  # noqa: E402
 from llama4_fast.backends import sdpa as sdpa_backend  # noqa: E402
 from llama4_fast.kernels import attention as attention_kernels  # noqa: E402
 from llama4_fast.kernels import chunked_attention  # noqa: E402
+from llama4_fast.kernels.device import tma_unavailable  # noqa: E402
 
 HQ, HKV, HEAD_DIM, CHUNK = 40, 8, 128, 8192
 FULL = dict(prefill=[8192, 32768, 131072], contexts=[8192, 32768, 131072, 1 << 20], batches=[1, 16],
@@ -228,7 +229,7 @@ def bench_prefill(cfg, dtype, device, ceilings, budget) -> list[dict]:
                     with attention_kernels.forward_variant(**variant):
                         return chunked_attention(q, k, v, chunk_size=chunk)
                 baselines[name] = run_case(name, variant_fn, inputs, budget, probe, answers.baseline)
-                baselines[name]["tma"] = attention_kernels.tma_layout_ok(*probe[1:])
+                baselines[name]["tma"] = tma_unavailable(*probe[1:]) is None
             if chunk is not None:
                 baselines["sdpa_chunks"] = chunk_handover(probe, inputs, chunk, budget, answers, fused, device)
             rows.append({"S": S, "layer": layer, "flops": 4 * D * visible_pairs(S, chunk) * hq, "bytes": set_bytes,

@@ -22,7 +22,7 @@ Public entry points
     Any head dim 1..256; non-powers of two run in a padded tile with masked loads.
 ``forward_variant(*, tma=False, block_n=None)``
     Context manager: inside it, 16-bit prefill launches load K/V tiles through TMA tensor
-    descriptors (where the layout allows, ``tma_layout_ok``) and / or take ``block_n``-key
+    descriptors (where ``device.tma_unavailable`` finds no obstacle) and / or take ``block_n``-key
     tiles. Unmeasured variants, off by default, for a GPU benchmark to compare.
 
 Design
@@ -114,7 +114,7 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .device import sm_count
+from .device import sm_count, tensor_descriptor, tma_unavailable
 
 # Decode path threshold: up to this many new tokens per sequence the GQA group is packed into
 # the query rows (Llama 4: 5 heads x 16 queries = 80 rows, one block), so each K/V tile is read
@@ -701,9 +701,9 @@ def forward_variant(*, tma: bool = False, block_n: int | None = None):
     config; nested blocks replace outer ones, and the table is back on exit:
 
     tma: load K and V tiles through TMA (one host-side ``TensorDescriptor`` over [B, Hkv, Skv,
-        D] each, [1, 1, BLOCK_N, BLOCK_D] blocks) where the layout allows (``tma_layout_ok``:
-        unit last stride, 16-byte aligned base and strides); elsewhere, or on a triton without
-        host descriptors, the pointer loads run and a warning says so.
+        D] each, [1, 1, BLOCK_N, BLOCK_D] blocks) where ``device.tma_unavailable`` finds no
+        obstacle (a GPU before Hopper, a triton without host descriptors, a layout the copy
+        engine cannot address); elsewhere the pointer loads run and a warning says why.
     block_n: keys per tile, a power of two 16..128, for padded head dims up to 128 (the table
         keeps D = 256's 32-key tiles: wider ones do not fit shared memory). Past 64 keys the
         launch takes 2 stages: at D = 128, 3 stages of 128-key K and V tiles plus the query
@@ -725,16 +725,6 @@ def forward_variant(*, tma: bool = False, block_n: int | None = None):
         _VARIANT = previous
 
 
-def tma_layout_ok(*tensors: torch.Tensor) -> bool:
-    """Whether TMA can address every tensor: unit stride in the last dimension, the base and
-    every other stride a multiple of 16 bytes (the copy engine's alignment rule)."""
-    for t in tensors:
-        size = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
-            return False
-    return True
-
-
 def _forward_config(block_d: int, dtype: torch.dtype, decode: bool, rows: int, k, v) -> LaunchConfig:
     """The table's config (_launch_config), with the forward_variant in force applied."""
     cfg = _launch_config(block_d, dtype, decode, rows)
@@ -744,9 +734,7 @@ def _forward_config(block_d: int, dtype: torch.dtype, decode: bool, rows: int, k
         stages = 2 if _VARIANT["block_n"] > 64 else cfg.num_stages
         cfg = replace(cfg, block_n=_VARIANT["block_n"], num_stages=stages)
     if _VARIANT["tma"]:
-        why = None if tma_layout_ok(k, v) else "k / v layout (tma_layout_ok)"
-        if why is None and _tensor_descriptor() is None:
-            why = f"triton {triton.__version__} has no host-side TensorDescriptor"
+        why = tma_unavailable(k, v)
         if why is None:
             cfg = replace(cfg, tma=True)
         else:
@@ -754,19 +742,10 @@ def _forward_config(block_d: int, dtype: torch.dtype, decode: bool, rows: int, k
     return cfg
 
 
-def _tensor_descriptor():
-    """triton.tools.tensor_descriptor.TensorDescriptor, or None on a triton without it."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
-        return None
-    return TensorDescriptor
-
-
 def _kv_descriptor(t: torch.Tensor, block_n: int, block_d: int):
     """A [B, Hkv, Skv, D] descriptor of K or V whose blocks are one (batch, KV head)'s
     [block_n, block_d] tile; loads past Skv or D read zeros."""
-    return _tensor_descriptor()(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d])
+    return tensor_descriptor(t, [1, 1, block_n, block_d])
 
 
 def _launch_config(block_d: int, dtype: torch.dtype, decode: bool, rows: int) -> LaunchConfig:

@@ -68,10 +68,10 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import checks
 from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
+from .device import supports_pdl, tensor_descriptor
 from .gemm import COMBINE_BLOCK_N, GemmConfig, combine_splits_kernel, grouped_tile, num_sms, split_k
 from .quant_matmul import block_k_args, format_code, quant_weight_args, quantize_fp8_activations
 from .routing import dispatch_metadata
@@ -530,15 +530,15 @@ class MoeConfig:
 
     Three Hopper options, off unless a table bucket sets them (not measured on a GPU yet;
     benchmarks/tune_moe.py --hopper compares them with the plain kernels):
-    tma: load through the tensor memory accelerator (tensor descriptors) where the operands allow
-    it (`_descriptor`): both GEMMs' dense weights, and the down GEMM's A, for which the gate_up
-    GEMM then writes h in expert order.
+    tma: load through the tensor memory accelerator (tensor descriptors) where the device, the
+    triton and the operands allow it (`device.tensor_descriptor`): both GEMMs' dense weights,
+    and the down GEMM's A, for which the gate_up GEMM then writes h in expert order.
     epilogue_block_n: each GEMM stores its tile in column pieces this wide (at most 4 pieces),
     not whole: fewer live registers in the epilogue of a wide tile (None: whole tiles).
-    pdl: launch each of fused_moe's GEMM and combine kernels on CUDA as a programmatic dependent
-    launch, which waits for the previous kernel's writes in the kernel instead of between
-    launches: the next kernel's launch and setup overlap the previous one's tail (decode's
-    fixed costs)."""
+    pdl: launch each of fused_moe's GEMM and combine kernels as a programmatic dependent launch
+    where the device allows it (`device.supports_pdl`), which waits for the previous kernel's
+    writes in the kernel instead of between launches: the next kernel's launch and setup overlap
+    the previous one's tail (decode's fixed costs)."""
     block_m: int
     gate_up: GemmConfig
     down: GemmConfig
@@ -892,16 +892,6 @@ def config_args(cfg, quant: ExpertQuant | None = None):
             block_k_args(f"config.{name}.block_k", g.block_k, quant.code, quant.group_k)
 
 
-def _descriptor(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
-    """A TMA tensor descriptor over all of t in blocks of `block`, or None where the tensor
-    memory accelerator cannot read t: a last dimension that is not contiguous, a base address or
-    another stride that is not a multiple of 16 bytes."""
-    size = t.element_size()
-    if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]):
-        return None
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
-
-
 def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tensor, cfg: MoeConfig,
             quant: ExpertQuant | None = None, preact: torch.Tensor | None = None,
             variant: ExpertVariant = ExpertVariant()):
@@ -939,18 +929,18 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
 
     # MoeConfig's Hopper options. tma: descriptors for dense weights (interleaved gate/up
     # columns as one block twice as wide), and h in expert order so that each row block of the
-    # down GEMM reads consecutive rows through one (in DIRECT, slot = pair already). pdl: on
-    # CUDA only (the interpreter has no grid dependency control).
+    # down GEMM reads consecutive rows through one (in DIRECT, slot = pair already); each
+    # where device.tensor_descriptor can (else pointer loads). pdl: where device.supports_pdl.
     g, d = cfg.gate_up, cfg.down
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
-    pdl = dict(PDL=True, launch_pdl=True) if cfg.pdl and x.is_cuda else {}
+    pdl = dict(PDL=True, launch_pdl=True) if cfg.pdl and supports_pdl(x.device) else {}
     hopper1 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(g), **pdl)
     hopper2 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(d), **pdl)
     if cfg.tma and quant is None:
         gate_up_block = [1, g.block_k, 2 * g.block_n if variant.interleaved else g.block_n]
-        hopper1.update(b_desc=_descriptor(w13, gate_up_block), C_BY_SLOT=True)
-        hopper2.update(b_desc=_descriptor(w2, [1, d.block_k, d.block_n]),
-                       a_desc=_descriptor(h, [cfg.block_m, d.block_k]), A_BY_SLOT=True)
+        hopper1.update(b_desc=tensor_descriptor(w13, gate_up_block), C_BY_SLOT=True)
+        hopper2.update(b_desc=tensor_descriptor(w2, [1, d.block_k, d.block_n]),
+                       a_desc=tensor_descriptor(h, [cfg.block_m, d.block_k]), A_BY_SLOT=True)
 
     # gate_up: x [T, H] @ w13[e] -> h [P, I]; split K: fp32 gate/up partials, then combine
     y1 = h if g.split_k == 1 else torch.empty(g.split_k, P, 2 * I, dtype=torch.float32, device=x.device)

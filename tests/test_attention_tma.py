@@ -10,6 +10,7 @@ import torch
 
 from helpers import TOL, assert_close, poisoned, rel_err
 from llama4_fast.kernels import attention as attn
+from llama4_fast.kernels import device as kernel_device
 from llama4_fast.kernels.attention import chunked_attention
 from reference64 import attention64
 
@@ -101,10 +102,13 @@ def test_layouts_tma_cannot_address_fall_back_to_pointer_loads_with_a_warning(de
 
 def test_tma_layout_rule():
     k = torch.randn(1, 2, 40, 32, dtype=DTYPE)
-    assert attn.tma_layout_ok(k, torch.randn(1, 40, 2, 32, dtype=DTYPE).transpose(1, 2))
-    assert not attn.tma_layout_ok(k, torch.randn(1, 2, 40, 20, dtype=DTYPE))  # 40-byte rows
-    assert not attn.tma_layout_ok(torch.randn(k.numel() + 1, dtype=DTYPE)[1:].view(k.shape))  # base 2 bytes off
-    assert not attn.tma_layout_ok(k.transpose(2, 3))  # last stride not 1
+    assert kernel_device.tma_layout_ok(k, torch.randn(1, 40, 2, 32, dtype=DTYPE).transpose(1, 2))
+    assert not kernel_device.tma_layout_ok(k, torch.randn(1, 2, 40, 20, dtype=DTYPE))  # 40-byte rows
+    assert not kernel_device.tma_layout_ok(torch.randn(k.numel() + 1, dtype=DTYPE)[1:].view(k.shape))  # base 2 bytes off
+    assert not kernel_device.tma_layout_ok(k.transpose(2, 3))  # last stride not 1
+    assert not kernel_device.tma_layout_ok(k[:, :, :0])  # empty
+    assert kernel_device.tma_unavailable(k) is None
+    assert "layout" in kernel_device.tma_unavailable(k.transpose(2, 3))
 
 
 def test_forward_variant_scope_and_arguments():

@@ -13,6 +13,7 @@ from helpers import TOL, assert_close, poisoned, rel_err
 from reference64 import experts64
 from reference64 import moe64 as ref_moe
 
+from llama4_fast.kernels import device as kernel_device
 from llama4_fast.kernels import fused_moe, moe
 from llama4_fast.kernels.gemm import GemmConfig
 from llama4_fast.kernels.moe import MoeConfig
@@ -162,7 +163,7 @@ def test_tma_matches_float64(device, T, E, top_k, block_m, splits, dtype):
     H, I = 40, 24
     x, w13, w2, weights, ids = make_inputs(T, E, H, I, top_k, dtype, device)
     for w, block in ((w13, [1, 16, 16]), (w2, [1, 16, 32])):
-        assert moe._descriptor(w, block) is not None  # these tests really read through TMA
+        assert kernel_device.tensor_descriptor(w, block) is not None  # these tests really read through TMA
     for on_input, epilogue in ((True, None), (False, 8)):
         cfg = replace(_cfg(block_m, *splits), tma=True, epilogue_block_n=epilogue)
         out = poisoned(x.shape, x.dtype, device)
@@ -183,13 +184,14 @@ def test_epilogue_in_column_pieces(device, epilogue_block_n, T, top_k, splits):
     assert_close(out, ref_moe(x, w13, w2, weights, ids))
 
 
-def test_tma_skipped_where_the_layout_does_not_allow_it(device):
+def test_tma_skipped_where_the_layout_does_not_allow_it(device, monkeypatch):
     """Weights whose rows are not 16-byte multiples (H = 36 halves), or K-contiguous views, get
-    no descriptor and run the pointer loads; bad ids are still skipped."""
+    no descriptor and run the pointer loads; bad ids are still skipped. So does everything on a
+    triton without host-side descriptors."""
     T, E, H, I = 50, 5, 36, 24
     x, w13, w2, weights, ids = make_inputs(T, E, H, I, 2, torch.float16, device)
-    assert moe._descriptor(w2, [1, 16, 32]) is None  # row stride 72 bytes
-    assert moe._descriptor(linear_style(w13, w2)[0], [1, 16, 16]) is None  # column stride H
+    assert kernel_device.tensor_descriptor(w2, [1, 16, 32]) is None  # row stride 72 bytes
+    assert kernel_device.tensor_descriptor(linear_style(w13, w2)[0], [1, 16, 16]) is None  # column stride H
     cfg = replace(_cfg(16, 1, 1), tma=True)
     out = poisoned(x.shape, x.dtype, device)
     fused_moe(x, w13, w2, weights, ids, out=out, config=cfg)
@@ -199,6 +201,12 @@ def test_tma_skipped_where_the_layout_does_not_allow_it(device):
     moe._launch(x, *linear_style(w13, w2), weights, ids, True, out, cfg)
     assert_close(out, ref_moe(x, w13, w2, weights, ids))
     assert out[3].abs().max().item() == 0.0
+    monkeypatch.setattr(kernel_device, "descriptor_class", lambda: None)
+    assert "no host-side TensorDescriptor" in kernel_device.tma_unavailable(x)
+    x, w13, w2, weights, ids = make_inputs(T, E, 40, I, 2, torch.float16, x.device)
+    out = poisoned(x.shape, x.dtype, x.device)
+    fused_moe(x, w13, w2, weights, ids, out=out, config=cfg)
+    assert_close(out, ref_moe(x, w13, w2, weights, ids))
 
 
 def test_hopper_options_are_checked(tmp_path, monkeypatch):
@@ -446,7 +454,7 @@ def test_expert_variants_with_tma(device, variant, T, top_k, split):
     E, H, I = 4, 40, 24
     x, w13, w2, weights, ids = make_inputs(T, E, H, I, top_k, torch.float32, device)
     kw = variant_kwargs(variant, E, H, I, torch.float32, device)
-    assert moe._descriptor(w13, [1, 16, 32]) is not None
+    assert kernel_device.tensor_descriptor(w13, [1, 16, 32]) is not None
     out = poisoned(x.shape, x.dtype, device)
     fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=False, out=out,
               config=replace(_cfg(16, split, 1), tma=True), **kw)
