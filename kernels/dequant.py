@@ -64,7 +64,7 @@ def dequant_dot(acc, a, a_group_scale,
                 w_ptr, stride_wk, stride_wn, s_ptr, stride_sk, stride_sn, z_ptr, stride_zk, stride_zn,
                 k0, cols, col_mask, K,
                 WEIGHT_FORMAT: tl.constexpr, GROUP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, w_tile=None):
     """acc [BLOCK_M, BLOCK_N] fp32 += a [BLOCK_M, BLOCK_K] @ W[k0:k0 + BLOCK_K, cols], scaled
     as the format says (FP8_ROWWISE leaves its scales to `rowwise_epilogue`).
 
@@ -73,14 +73,23 @@ def dequant_dot(acc, a, a_group_scale,
     (ignored by the other formats). w_ptr/s_ptr/z_ptr and strides: the quantized weight, its
     scales and zero points (z only for INT4_ASYM) as laid out in the module docstring; cols
     [BLOCK_N] global column indices (the up half of gate_up passes n + I), col_mask their mask.
+    w_tile: the step's weight tile already loaded (through a TMA descriptor, zeros past K and
+    N): [BLOCK_K, BLOCK_N] e4m3, or the INT4 formats' packed [BLOCK_K / 2, BLOCK_N] bytes; None
+    loads it from w_ptr.
     """
     kk = k0 + tl.arange(0, BLOCK_K)
     mask = (kk < K)[:, None] & col_mask[None, :]
     if WEIGHT_FORMAT == FP8_ROWWISE:
-        w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :] * stride_wn, mask=mask, other=0.0)
+        if w_tile is None:
+            w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :] * stride_wn, mask=mask, other=0.0)
+        else:
+            w = w_tile
         acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
     elif WEIGHT_FORMAT == FP8_BLOCK:
-        w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :] * stride_wn, mask=mask, other=0.0)
+        if w_tile is None:
+            w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :] * stride_wn, mask=mask, other=0.0)
+        else:
+            w = w_tile
         s = tl.load(s_ptr + (k0 // FP8_BLOCK_SIZE) * stride_sk + (cols // FP8_BLOCK_SIZE) * stride_sn,
                     mask=col_mask, other=0.0)
         part = tl.dot(a, w, max_num_imprecise_acc=BLOCK_K)
@@ -90,9 +99,12 @@ def dequant_dot(acc, a, a_group_scale,
         # the even rows k of the step and high nibbles the odd ones. The two nibble planes
         # multiply the even and the odd columns of the activation tile: two dots of half the
         # depth, the same work as one, without moving any weight between rows.
-        jj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(w_ptr + jj[:, None] * stride_wk + cols[None, :] * stride_wn,
-                         mask=(jj < K // 2)[:, None] & col_mask[None, :], other=0)
+        if w_tile is None:
+            jj = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(w_ptr + jj[:, None] * stride_wk + cols[None, :] * stride_wn,
+                             mask=(jj < K // 2)[:, None] & col_mask[None, :], other=0)
+        else:
+            packed = w_tile
         a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
         group = k0 // GROUP_K  # BLOCK_K divides GROUP_K: the whole step is one group
         if WEIGHT_FORMAT == INT4_ASYM:

@@ -70,3 +70,16 @@ def supports_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch: a Hopper GPU and a triton with grid dependency control
     (tl.extra.cuda.gdc_wait); never under the interpreter."""
     return _hopper(device) and hasattr(tl.extra.cuda, "gdc_wait")
+
+
+def weight_descriptor(w: torch.Tensor, block_k: int, block_n: int):
+    """(descriptor, transposed) for a weight read as logical [..., K, N] matrices (K: the rows
+    one K step reads, e.g. packed INT4 byte rows) in [block_k, block_n] tiles, one leading index
+    at a time: over w itself when N is contiguous, else over its [..., N, K] transpose when K is
+    (nn.Linear-style storage; transposed=True, the kernel transposes the tile); (None, False)
+    where neither can be read (`tensor_descriptor`)."""
+    lead = [1] * (w.dim() - 2)
+    if w.stride(-1) == 1:
+        return tensor_descriptor(w, lead + [block_k, block_n]), False
+    desc = tensor_descriptor(w.transpose(-1, -2), lead + [block_n, block_k])
+    return desc, desc is not None

@@ -1,7 +1,8 @@
 """What the GEMMs share (imported by kernels/quant_matmul.py and kernels/moe.py): which output
-tile a program computes (the grouped, "super-row" order), the kernel that finishes a split-K
-GEMM, a GEMM's tile and launch parameters (GemmConfig), the rule that decides how many ways to
-split K, and the SM count that rule plans for."""
+tile a program computes (the grouped, "super-row" order), a weight tile read through a TMA
+descriptor, the kernel that finishes a split-K GEMM, a GEMM's tile and launch parameters
+(GemmConfig), the rule that decides how many ways to split K, and the SM count that rule plans
+for."""
 
 from __future__ import annotations
 
@@ -29,6 +30,16 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
     return pid_m, pid_n
+
+
+@triton.jit
+def weight_tile(desc, index, k0, n0, ROWS: tl.constexpr, COLS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The [ROWS, COLS] tile at (k0, n0) of weight matrix `index` ([K, N], one expert; 0 for a
+    single matrix) through its TMA descriptor (device.weight_descriptor): over [E, K, N], or
+    over [E, N, K] when TRANSPOSED (K contiguous, as nn.Linear stores it). Zeros past K and N."""
+    if TRANSPOSED:
+        return desc.load([index, n0, k0]).reshape(COLS, ROWS).trans()
+    return desc.load([index, k0, n0]).reshape(ROWS, COLS)
 
 
 COMBINE_BLOCK_N = 1024  # columns per combine program

@@ -71,8 +71,8 @@ import triton.language as tl
 
 from . import checks
 from .dequant import DENSE, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_ROWWISE, INT4_ASYM, INT4_SYM, dequant_dot, rowwise_epilogue
-from .device import supports_pdl, tensor_descriptor
-from .gemm import COMBINE_BLOCK_N, GemmConfig, combine_splits_kernel, grouped_tile, num_sms, split_k
+from .device import supports_pdl, tensor_descriptor, weight_descriptor
+from .gemm import COMBINE_BLOCK_N, GemmConfig, combine_splits_kernel, grouped_tile, num_sms, split_k, weight_tile
 from .quant_matmul import block_k_args, format_code, quant_weight_args, quantize_fp8_activations
 from .routing import dispatch_metadata
 
@@ -247,11 +247,13 @@ def _moe_gemm_kernel(
     # (B, dA, the bias) is 2n and up 2n + 1, instead of n and N + n
     ACTIVATION: tl.constexpr = SILU,  # the gate's activation (_glu)
     # Hopper's tensor-memory accelerator (TMA), MoeConfig.tma; off: pointer loads. b_desc: a
-    # tensor descriptor over B [E, K, N_total] with blocks [1, BLOCK_K, BLOCK_N] (dense B with
-    # unit column stride; [1, BLOCK_K, 2 BLOCK_N] for GATED with GATE_UP_INTERLEAVED: gate and
-    # up columns in one block); a_desc: one over A [rows, K] with blocks [BLOCK_M, BLOCK_K],
+    # tensor descriptor over B as stored (device.weight_descriptor, gemm.weight_tile), logical
+    # [E, K, N_total] tiles [BLOCK_K, BLOCK_N] (packed INT4: K / 2 rows, BLOCK_K / 2 a step;
+    # dense GATED with GATE_UP_INTERLEAVED: 2 BLOCK_N, gate and up columns in one tile); a_desc:
+    # one over A [rows, K] with blocks [BLOCK_M, BLOCK_K],
     # for an A whose rows of a block are consecutive (A_BY_SLOT, or DIRECT with A_ROW_DIV == 1)
     b_desc=None, a_desc=None,
+    B_TRANSPOSED: tl.constexpr = False,  # b_desc is over B's [E, N_total, K] transpose (K contiguous)
     # the rows of A (A_BY_SLOT) or C (C_BY_SLOT) are dispatch slots, the pairs in expert order,
     # instead of pair indices: gate_up writes h so that each row block of the down GEMM reads
     # consecutive rows (slot = pair when DIRECT)
@@ -344,15 +346,18 @@ def _moe_gemm_kernel(
             a = a_desc.load([first_row, k0])  # end) only reach masked output rows
         else:
             a = tl.load(a_rows_ptrs + kk[None, :] * stride_ak, mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
-        if b_desc is not None and GATED and GATE_UP_INTERLEAVED:  # one [BLOCK_K, 2 BLOCK_N] block
-            b_gate, b_up = b_desc.load([expert, k0, 2 * pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N, 2).split()
+        if WEIGHT_FORMAT == DENSE and b_desc is not None and GATED and GATE_UP_INTERLEAVED:
+            # gate and up columns in one [BLOCK_K, 2 BLOCK_N] block
+            b_pair = weight_tile(b_desc, expert, k0, 2 * pid_n * BLOCK_N, BLOCK_K, 2 * BLOCK_N, B_TRANSPOSED)
+            b_gate, b_up = b_pair.reshape(BLOCK_K, BLOCK_N, 2).split()
             acc = tl.dot(a, b_gate, acc, input_precision=DOT_PRECISION)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-        elif b_desc is not None:  # gate columns past N read up columns: masked output columns only
-            acc = tl.dot(a, b_desc.load([expert, k0, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N), acc,
-                         input_precision=DOT_PRECISION)
+        elif WEIGHT_FORMAT == DENSE and b_desc is not None:
+            # gate columns past N read up columns: masked output columns only
+            b_tile = weight_tile(b_desc, expert, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, B_TRANSPOSED)
+            acc = tl.dot(a, b_tile, acc, input_precision=DOT_PRECISION)
             if GATED:
-                b_up = b_desc.load([expert, k0, N + pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+                b_up = weight_tile(b_desc, expert, k0, N + pid_n * BLOCK_N, BLOCK_K, BLOCK_N, B_TRANSPOSED)
                 acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         elif WEIGHT_FORMAT == DENSE:
             b_ptrs = b_base + kk[:, None] * stride_bk + b_cols[None, :] * stride_bn
@@ -365,13 +370,26 @@ def _moe_gemm_kernel(
             if WEIGHT_FORMAT == FP8_BLOCK:
                 a_group_scale = tl.load(as_ptr + a_rows * stride_asm + (k0 // FP8_BLOCK_SIZE) * stride_ask,
                                         mask=row_mask, other=0.0)
+            if b_desc is None:  # dequant_dot loads the weight tiles
+                w_gate = None
+                w_up = None
+            else:  # the step's stored rows: k0 (FP8), or k0 / 2 packed INT4 rows
+                if WEIGHT_FORMAT == INT4_SYM or WEIGHT_FORMAT == INT4_ASYM:
+                    w_rows = k0 // 2
+                    W_TILE_K: tl.constexpr = BLOCK_K // 2
+                else:
+                    w_rows = k0
+                    W_TILE_K: tl.constexpr = BLOCK_K
+                w_gate = weight_tile(b_desc, expert, w_rows, pid_n * BLOCK_N, W_TILE_K, BLOCK_N, B_TRANSPOSED)
+                if GATED:
+                    w_up = weight_tile(b_desc, expert, w_rows, N + pid_n * BLOCK_N, W_TILE_K, BLOCK_N, B_TRANSPOSED)
             acc = dequant_dot(acc, a, a_group_scale, b_base, stride_bk, stride_bn, bs_base, stride_bsk, stride_bsn,
                               bz_base, stride_bzk, stride_bzn, k0, offs_n, n_mask, K,
-                              WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION)
+                              WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION, w_gate)
             if GATED:  # the up columns are N + n of the same expert matrix
                 acc_up = dequant_dot(acc_up, a, a_group_scale, b_base, stride_bk, stride_bn, bs_base, stride_bsk,
                                      stride_bsn, bz_base, stride_bzk, stride_bzn, k0, offs_n + N, n_mask, K,
-                                     WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION)
+                                     WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION, w_up)
         if a_bias_ptr is not None:
             a_bias = tl.load(ab_base + kk * stride_abk, mask=kk < K, other=0.0).to(tl.float32)
             a_bias = tl.where(pid_n == 0, a_bias, 0.0)
@@ -531,8 +549,9 @@ class MoeConfig:
     Three Hopper options, off unless a table bucket sets them (not measured on a GPU yet;
     benchmarks/tune_moe.py --hopper compares them with the plain kernels):
     tma: load through the tensor memory accelerator (tensor descriptors) where the device, the
-    triton and the operands allow it (`device.tensor_descriptor`): both GEMMs' dense weights,
-    and the down GEMM's A, for which the gate_up GEMM then writes h in expert order.
+    triton and the operands allow it (`device.tensor_descriptor`): both GEMMs' weights (dense,
+    FP8 or packed INT4), and the down GEMM's A, for which the gate_up GEMM then writes h in
+    expert order.
     epilogue_block_n: each GEMM stores its tile in column pieces this wide (at most 4 pieces),
     not whole: fewer live registers in the epilogue of a wide tile (None: whole tiles).
     pdl: launch each of fused_moe's GEMM and combine kernels as a programmatic dependent launch
@@ -927,20 +946,21 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
         return a, (scale, *scale.stride(), z, *z.stride(), a_scale, *a_scale.stride()), \
             dict(WEIGHT_FORMAT=quant.code, GROUP_K=quant.group_k)
 
-    # MoeConfig's Hopper options. tma: descriptors for dense weights (interleaved gate/up
-    # columns as one block twice as wide), and h in expert order so that each row block of the
-    # down GEMM reads consecutive rows through one (in DIRECT, slot = pair already); each
-    # where device.tensor_descriptor can (else pointer loads). pdl: where device.supports_pdl.
+    # MoeConfig's Hopper options. tma: descriptors for the weights (interleaved gate/up columns
+    # as one block twice as wide), and h in expert order so that each row block of the down
+    # GEMM reads consecutive rows through one (in DIRECT, slot = pair already); each where
+    # device.tensor_descriptor can (else pointer loads). pdl: where device.supports_pdl.
     g, d = cfg.gate_up, cfg.down
     h = torch.empty(P, I, dtype=x.dtype, device=x.device)
     pdl = dict(PDL=True, launch_pdl=True) if cfg.pdl and supports_pdl(x.device) else {}
     hopper1 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(g), **pdl)
     hopper2 = dict(EPILOGUE_SPLIT=cfg.epilogue_split(d), **pdl)
-    if cfg.tma and quant is None:
-        gate_up_block = [1, g.block_k, 2 * g.block_n if variant.interleaved else g.block_n]
-        hopper1.update(b_desc=tensor_descriptor(w13, gate_up_block), C_BY_SLOT=True)
-        hopper2.update(b_desc=tensor_descriptor(w2, [1, d.block_k, d.block_n]),
-                       a_desc=tensor_descriptor(h, [cfg.block_m, d.block_k]), A_BY_SLOT=True)
+    if cfg.tma:  # INT4 weights: packed rows, half as many per K step
+        pack = 2 if quant is not None and not quant.fp8 else 1
+        desc1, transposed1 = weight_descriptor(w13, g.block_k // pack, g.block_n * (2 if variant.interleaved else 1))
+        desc2, transposed2 = weight_descriptor(w2, d.block_k // pack, d.block_n)
+        hopper1.update(b_desc=desc1, B_TRANSPOSED=transposed1, C_BY_SLOT=True)
+        hopper2.update(b_desc=desc2, B_TRANSPOSED=transposed2, A_BY_SLOT=True)
 
     # gate_up: x [T, H] @ w13[e] -> h [P, I]; split K: fp32 gate/up partials, then combine
     y1 = h if g.split_k == 1 else torch.empty(g.split_k, P, 2 * I, dtype=torch.float32, device=x.device)
@@ -966,6 +986,8 @@ def _launch(x, w13, w2, topk_weights, topk_ids, on_input: bool, out: torch.Tenso
     partial = top_k > 1 or d.split_k > 1
     y2 = torch.empty(d.split_k, P, H, dtype=torch.float32, device=x.device) if partial else out
     a2, q2, f2 = quant_args(h, *((quant.down_scale, quant.down_zero) if quant else (None, None)))
+    if cfg.tma:  # h, or its FP8 quantization, in expert order
+        hopper2.update(a_desc=tensor_descriptor(a2, [cfg.block_m, d.block_k]))
     f2.update(variant.down_kwargs(), **hopper2)
     grid = (num_pid_m * triton.cdiv(H, d.block_n), d.split_k)
     _moe_gemm_kernel[grid](

@@ -29,7 +29,9 @@ import triton.language as tl
 from . import checks
 from .dequant import (FORMATS, FP8_BLOCK, FP8_BLOCK_SIZE, FP8_MAX, INT4_ASYM, INT4_SYM, dequant_dot,
                       fp8_quantize_rows_kernel, rowwise_epilogue)
-from .gemm import COMBINE_BLOCK_N, GemmConfig, combine_splits_kernel, grouped_tile, num_sms, split_k
+from .device import tensor_descriptor, weight_descriptor
+from .gemm import (COMBINE_BLOCK_N, GemmConfig, combine_splits_kernel, grouped_tile, num_sms, split_k,
+                   weight_tile)
 
 MIN_FP8_SCALE = 1.0 / (FP8_MAX * 512.0)  # floor of an activation scale: an all-zero row stays finite
 _DECODE_MAX_M = 16
@@ -46,6 +48,10 @@ def _quant_matmul_kernel(
     M, N, K, num_splits,
     WEIGHT_FORMAT: tl.constexpr, GROUP_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    # MatmulConfig.tma: TMA descriptors over a [M, K] (blocks [BLOCK_M, BLOCK_K]) and over the
+    # weight as stored (device.weight_descriptor: [1, K, N] or, W_TRANSPOSED, [1, N, K]; packed
+    # int4: K / 2 rows); None: pointer loads
+    a_desc=None, w_desc=None, W_TRANSPOSED: tl.constexpr = False,
 ):
     pid_s = tl.program_id(1)
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -65,13 +71,22 @@ def _quant_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
-        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+        if a_desc is not None:
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+        else:
+            a = tl.load(a_rows + kk[None, :] * stride_ak, mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+        if w_desc is None:
+            w_tile = None
+        elif WEIGHT_FORMAT == INT4_SYM or WEIGHT_FORMAT == INT4_ASYM:
+            w_tile = weight_tile(w_desc, 0, k0 // 2, pid_n * BLOCK_N, BLOCK_K // 2, BLOCK_N, W_TRANSPOSED)
+        else:
+            w_tile = weight_tile(w_desc, 0, k0, pid_n * BLOCK_N, BLOCK_K, BLOCK_N, W_TRANSPOSED)
         if WEIGHT_FORMAT == FP8_BLOCK:
             a_group_scale = tl.load(a_scale_ptr + offs_m * stride_asm + (k0 // FP8_BLOCK_SIZE) * stride_ask,
                                     mask=m_mask, other=0.0)
         acc = dequant_dot(acc, a, a_group_scale, w_ptr, stride_wk, stride_wn, s_ptr, stride_sk, stride_sn,
                           z_ptr, stride_zk, stride_zn, k0, offs_n, n_mask, K,
-                          WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION)
+                          WEIGHT_FORMAT, GROUP_K, BLOCK_K, DOT_PRECISION, w_tile)
 
     a_scale = tl.load(a_scale_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)  # FP8_ROWWISE's
     acc = rowwise_epilogue(acc, a_scale, s_ptr, stride_sn, offs_n, n_mask, WEIGHT_FORMAT)
@@ -240,10 +255,14 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
     a_scale2d = a_scale if a_scale.dim() == 2 else a_scale[:, None]
     if config is None:
         config = launch_config(M, N, K, code, group_size, num_sms(x.device))
-    block_m, block_n, block_k, group_m, num_warps, num_stages, split = config
+    block_m, block_n, block_k, group_m, num_warps, num_stages, split, tma = config
     dest = out if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     z = zero if zero is not None else qweight  # placeholder, never read
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split)
+    descriptors = {}
+    if tma:  # each operand the copy engine can read (device.tensor_descriptor), else pointer loads
+        w_desc, transposed = weight_descriptor(qweight[None], block_k // 2 if is_int4 else block_k, block_n)
+        descriptors = dict(a_desc=tensor_descriptor(a, [block_m, block_k]), w_desc=w_desc, W_TRANSPOSED=transposed)
     _quant_matmul_kernel[grid](
         a, a.stride(0), a.stride(1), a_scale2d, a_scale2d.stride(0), a_scale2d.stride(1),
         qweight, qweight.stride(0), qweight.stride(1), scale2d, scale2d.stride(0), scale2d.stride(1),
@@ -252,7 +271,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
         M, N, K, split,
         WEIGHT_FORMAT=code, GROUP_K=group_k, DOT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **descriptors)
     if split > 1:  # one launch sums the splits in a fixed order and casts (deterministic)
         combine_splits_kernel[(M, triton.cdiv(N, COMBINE_BLOCK_N))](
             dest, out, out.stride(0), out.stride(1), N, dest.stride(0), split,
@@ -262,7 +281,10 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, *,
 
 class MatmulConfig(NamedTuple):
     """Tiles and launch parameters of one quant_matmul call (split_k: K split across programs,
-    their fp32 partials summed by the combine kernel)."""
+    their fp32 partials summed by the combine kernel). tma: read the activations and the
+    weight through TMA descriptors where the device, the triton and the layouts allow it
+    (`device.tensor_descriptor`); off by default, not measured on a GPU yet
+    (benchmarks/quant_matmul.py times both)."""
     block_m: int
     block_n: int
     block_k: int
@@ -270,6 +292,7 @@ class MatmulConfig(NamedTuple):
     num_warps: int
     num_stages: int
     split_k: int
+    tma: bool = False
 
 
 def block_k_args(name: str, block_k: int, code: int, group_k: int):
@@ -292,6 +315,8 @@ def config_args(cfg, code: int, group_k: int):
     checks.power_of_two("config.num_warps", cfg.num_warps, 1)
     for field in ("group_m", "num_stages", "split_k"):
         checks.positive_int(f"config.{field}", getattr(cfg, field))
+    if not isinstance(cfg.tma, bool):
+        raise ValueError(f"config.tma must be True or False, got {cfg.tma!r}")
     block_k_args("config.block_k", cfg.block_k, code, group_k)
 
 

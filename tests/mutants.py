@@ -69,7 +69,8 @@ MOE_BACKWARD = ("tests/test_moe_backward.py",)
 EXPERTS = ("tests/test_moe_kernel.py", "tests/test_moe_backward.py")
 ATTENTION_BACKWARD = ("tests/test_attention_backward.py",)
 HOPPER = ("tests/test_moe_kernel.py::test_tma_matches_float64", "tests/test_moe_kernel.py::test_epilogue_in_column_pieces",
-          "tests/test_moe_kernel.py::test_expert_variants_with_tma")
+          "tests/test_moe_kernel.py::test_expert_variants_with_tma", "tests/test_quant_moe.py::test_tma_with_quantized_experts",
+          "tests/test_quant_matmul.py::test_tma_matches_float64")
 
 MUTANTS = [
     # -- the five of issue 17 ------------------------------------------------------------------
@@ -148,6 +149,13 @@ MUTANTS = [
     Mutant("moe-tma-interleaved-halves", "kernels/moe.py",
            "b_gate, b_up = b_desc.load(", "b_up, b_gate = b_desc.load(", HOPPER,
            "interleaved gate/up through TMA: the gate and up halves of the block swapped"),
+    Mutant("tma-transposed-weight-tile", "kernels/gemm.py",
+           "return desc.load([index, n0, k0]).reshape(COLS, ROWS).trans()",
+           "return desc.load([index, n0, k0]).reshape(ROWS, COLS)", HOPPER,
+           "a K-contiguous weight's tile read without its transpose"),
+    Mutant("moe-tma-int4-packed-rows", "kernels/moe.py",
+           "                    w_rows = k0 // 2\n", "                    w_rows = k0\n", HOPPER,
+           "packed INT4 expert rows addressed as if unpacked (two K rows per byte)"),
     Mutant("moe-epilogue-piece-columns", "kernels/moe.py",
            "            _store_piece(rows_ptr, n1, a1, row_mask, N, stride_cn)",
            "            _store_piece(rows_ptr, n0, a1, row_mask, N, stride_cn)", HOPPER,

@@ -164,10 +164,12 @@ def test_tma_matches_float64(device, T, E, top_k, block_m, splits, dtype):
     x, w13, w2, weights, ids = make_inputs(T, E, H, I, top_k, dtype, device)
     for w, block in ((w13, [1, 16, 16]), (w2, [1, 16, 32])):
         assert kernel_device.tensor_descriptor(w, block) is not None  # these tests really read through TMA
-    for on_input, epilogue in ((True, None), (False, 8)):
+    for on_input, epilogue, layout in ((True, None, "stored"), (False, 8, "linear")):
         cfg = replace(_cfg(block_m, *splits), tma=True, epilogue_block_n=epilogue)
+        w = (w13, w2) if layout == "stored" else linear_style(w13, w2)  # K-contiguous: transposed tiles
+        assert all(kernel_device.weight_descriptor(t, 16, 16)[1] == (layout == "linear") for t in w)
         out = poisoned(x.shape, x.dtype, device)
-        fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=on_input, out=out, config=cfg)
+        fused_moe(x, *w, weights, ids, apply_router_weight_on_input=on_input, out=out, config=cfg)
         assert_close(out, ref_moe(x, w13, w2, weights, ids, on_input))
 
 

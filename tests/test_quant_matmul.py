@@ -117,6 +117,24 @@ def test_k_steps_inside_one_scale_group(device, kind, option, group, K, M, split
     assert_close(run(x, W, out=poisoned((M, N), x.dtype, device), config=cfg), quant_matmul64(x, W))
 
 
+@pytest.mark.parametrize("kind,option", FORMATS)
+@pytest.mark.parametrize("M,split", [(1, 3), (40, 1)])
+def test_tma_matches_float64(device, kind, option, M, split):
+    """MatmulConfig.tma: the activations and the weight through TMA descriptors (FP8 weights are
+    K-contiguous: a descriptor over the transpose; packed INT4 rows: half a K step), N (80) no
+    multiple of the tile, K (320) no multiple of 128."""
+    from llama4_fast.kernels import device as kernel_device
+    K, N = 320, 80
+    x = torch.randn(M, K, device=device).half()
+    _, W = make_weight(kind, option, K, N, device)
+    q = W.packed if isinstance(W, Int4Weight) else W.qweight
+    assert kernel_device.weight_descriptor(q, 16, 32)[0] is not None  # the weights really go through TMA
+    cfg = qm.MatmulConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2, split_k=split,
+                          tma=True)
+    assert_close(run(x, W, out=poisoned((M, N), x.dtype, device), config=cfg), quant_matmul64(x, W),
+                 tol=quant_tol(x.dtype, kind == "fp8", device))
+
+
 def test_config_override_is_validated():
     x = torch.randn(2, 128).half()
     w = torch.randn(128, 24)
@@ -130,6 +148,7 @@ def test_config_override_is_validated():
         (f8, good._replace(block_n=48), "block_n"),
         (f8, good._replace(split_k=0), "split_k"),
         (f8, good._replace(num_warps=3), "num_warps"),
+        (f8, good._replace(tma="yes"), "config.tma"),
     ]
     for W, cfg, match in cases:
         with pytest.raises(ValueError, match=match):

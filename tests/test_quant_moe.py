@@ -118,6 +118,27 @@ def test_split_k_with_quantized_experts(device, kind, option, T, top_k, block_m,
     assert_close(out, quant_moe64(x, w13, w2, weights, ids))
 
 
+@pytest.mark.parametrize("kind,option", FORMATS)
+@pytest.mark.parametrize("T,top_k,block_m,splits", [(1, 1, 16, (2, 3)), (40, 2, 16, (1, 1))])
+def test_tma_with_quantized_experts(device, kind, option, T, top_k, block_m, splits):
+    """MoeConfig.tma: FP8 expert weights (K-contiguous, tiles of the transpose) and packed INT4
+    ones (N-contiguous, half-height tiles) through TMA descriptors, h (FP8-quantized or not) in
+    expert order for the down GEMM; I = 96 and H = 160 end in partial 64-column tiles."""
+    from llama4_fast.kernels import device as kernel_device
+    x, w13, w2, weights, ids = make_inputs(T, 5, 160, 96, top_k, kind, option, device=device)
+    q13, q2 = w13.tensors()[0], w2.tensors()[0]
+    rows = GROUP // 2 if kind == "int4" else GROUP
+    for q in (q13, q2):  # these shapes really go through TMA
+        desc, transposed = kernel_device.weight_descriptor(q, rows, 64)
+        assert desc is not None and transposed == (kind == "fp8")
+    quant = moe.quant_experts_args(x, q13, q2, **expert_kernel_args(w13, w2))
+    cfg = MoeConfig(block_m, GemmConfig(64, GROUP, 2, 4, 2, splits[0]), GemmConfig(64, GROUP, 2, 4, 2, splits[1]),
+                    tma=True, epilogue_block_n=16)
+    out = poisoned(x.shape, x.dtype, device)
+    moe._launch(x, q13, q2, weights, ids, True, out, cfg, quant)
+    assert_close(out, quant_moe64(x, w13, w2, weights, ids), tol=quant_tol(x.dtype, kind == "fp8", device))
+
+
 @pytest.mark.parametrize("kind,option", [("fp8", "channel"), ("int4", False)])
 def test_op_backends_agree(device, kind, option):
     x, w13, w2, weights, ids = make_inputs(9, 4, 64, 32, 2, kind, option, device=device)

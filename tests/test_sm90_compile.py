@@ -49,7 +49,7 @@ def _compile_sm90(fn, pointer_types: dict, constexprs: dict, num_warps: int) -> 
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    sig = {n: pointer_types.get(n, "*fp32") if n.endswith("_ptr") else "i32" for n in names}
+    sig = {n: pointer_types.get(n, "*fp32") if n.endswith("_ptr") else pointer_types.get(n, "i32") for n in names}
     constexprs = dict(constexprs)
     # Options left at their defaults (Llama 4's); one the launcher leaves at None (a bias, a
     # descriptor) is a constexpr None.
@@ -62,35 +62,58 @@ def _compile_sm90(fn, pointer_types: dict, constexprs: dict, num_warps: int) -> 
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 3}).asm["ptx"]
 
 
+def _quant_descriptors(code: int, a: str, w: str, block_m: int, block_n: int, block_k: int) -> dict:
+    """Descriptor types of a quantized GEMM with tma, as the launchers build them: A [rows, K]
+    in [block_m, block_k] blocks; FP8 weights K-contiguous (tiles of the transpose), packed INT4
+    N-contiguous with half-height tiles."""
+    fp8 = code <= 2
+    act = "fp8e4nv" if fp8 else "bf16"
+    weight = f"fp8e4nv[1,{block_n},{block_k}]" if fp8 else f"u8[1,{block_k // 2},{block_n}]"
+    return {a: f"tensordesc<{act}[{block_m},{block_k}]>", w: f"tensordesc<{weight}>"}
+
+
 def compile_all() -> dict:
-    """{kernel/format: {"wgmma": bool, "e4m3": bool}} for the tiled configs."""
+    """{kernel/format[+tma]: {"wgmma", "e4m3", "tma": bool}} for the tiled configs, plain and with
+    the TMA option (descriptors for the activations and the weights)."""
     qm = importlib.import_module("llama4_fast.kernels.quant_matmul")
     moe = importlib.import_module("llama4_fast.kernels.moe")
     out = {}
-    for fmt, code in FORMATS.items():
-        ptx = _compile_sm90(qm._quant_matmul_kernel,
-                            _pointers(code, "a_ptr", "w_ptr", "c_ptr", "s_ptr", "z_ptr", "a_scale_ptr"),
-                            dict(WEIGHT_FORMAT=code, GROUP_K=128, DOT_PRECISION="tf32", BLOCK_M=128, BLOCK_N=128,
-                                 BLOCK_K=64, GROUP_M=8), num_warps=8)
-        out[f"quant_matmul/{fmt}"] = {"wgmma": "wgmma.mma_async" in ptx, "e4m3": "e4m3" in ptx}
-    for fmt in ("fp8_block", "int4_asym"):
-        code = FORMATS[fmt]
-        ptrs = _pointers(code, "a_ptr", "b_ptr", "c_ptr", "bs_ptr", "bz_ptr", "as_ptr")
-        ptrs.update(topk_ids_ptr="*i32", sorted_pairs_ptr="*i32", expert_offsets_ptr="*i32", block_offsets_ptr="*i32")
-        ptx = _compile_sm90(moe._moe_gemm_kernel, ptrs,
-                            dict(A_ROW_DIV=1, DIRECT=False, GATED=True, SCALE_C=True, C_PARTIAL=False,
-                                 DOT_PRECISION="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, BLOCK_B=256,
-                                 WEIGHT_FORMAT=code, GROUP_K=128), num_warps=4)
-        out[f"moe_gate_up/{fmt}"] = {"wgmma": "wgmma.mma_async" in ptx, "e4m3": "e4m3" in ptx}
+    for tma in (False, True):
+        suffix = "+tma" if tma else ""
+        for fmt, code in FORMATS.items():
+            types = _pointers(code, "a_ptr", "w_ptr", "c_ptr", "s_ptr", "z_ptr", "a_scale_ptr")
+            const = dict(WEIGHT_FORMAT=code, GROUP_K=128, DOT_PRECISION="tf32", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                         GROUP_M=8)
+            if tma:
+                types.update(_quant_descriptors(code, "a_desc", "w_desc", 128, 128, 64))
+                const["W_TRANSPOSED"] = code <= 2
+            ptx = _compile_sm90(qm._quant_matmul_kernel, types, const, num_warps=8)
+            out[f"quant_matmul/{fmt}{suffix}"] = {"wgmma": "wgmma.mma_async" in ptx, "e4m3": "e4m3" in ptx,
+                                                  "tma": "cp.async.bulk.tensor" in ptx}
+        for fmt in ("fp8_block", "int4_asym"):
+            code = FORMATS[fmt]
+            types = _pointers(code, "a_ptr", "b_ptr", "c_ptr", "bs_ptr", "bz_ptr", "as_ptr")
+            types.update(topk_ids_ptr="*i32", sorted_pairs_ptr="*i32", expert_offsets_ptr="*i32",
+                         block_offsets_ptr="*i32")
+            const = dict(A_ROW_DIV=1, DIRECT=False, GATED=False, SCALE_C=True, C_PARTIAL=False, DOT_PRECISION="tf32",
+                         BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, BLOCK_B=256, WEIGHT_FORMAT=code, GROUP_K=128)
+            if tma:  # the down GEMM: h in expert order through a descriptor too
+                types.update(_quant_descriptors(code, "a_desc", "b_desc", 64, 64, 64))
+                const.update(B_TRANSPOSED=code <= 2, A_BY_SLOT=True)
+            ptx = _compile_sm90(moe._moe_gemm_kernel, types, const, num_warps=4)
+            out[f"moe_down/{fmt}{suffix}"] = {"wgmma": "wgmma.mma_async" in ptx, "e4m3": "e4m3" in ptx,
+                                              "tma": "cp.async.bulk.tensor" in ptx}
     return out
 
 
 def test_quantized_kernels_compile_for_sm90_with_wgmma():
+    """wgmma on every format (e4m3 operands for FP8), and TMA loads exactly with the option."""
     results = compiled_in_subprocess()
-    assert len(results) == 6
+    assert len(results) == 12
     for name, r in results.items():
         assert r["wgmma"], f"{name}: no wgmma in the sm90 PTX"
         assert r["e4m3"] == ("fp8" in name), f"{name}: e4m3 operands {'missing' if 'fp8' in name else 'unexpected'}"
+        assert r["tma"] == name.endswith("+tma"), f"{name}: TMA loads {'missing' if not r['tma'] else 'unexpected'}"
 
 
 def _resource_usage(kernel) -> dict:
