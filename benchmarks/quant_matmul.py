@@ -9,6 +9,8 @@ side by side in one run:
   ours_fp8    llama4_fast.kernels.quant_matmul, fp8_rowwise (activation quantization kernel
               included)
   ours_int4   the same kernel, INT4 symmetric, group 128 (weight-only)
+  ours_fp8_tma, ours_int4_tma  the same two with MatmulConfig.tma (activations and weights
+              through TMA descriptors; not the default until a run like this one decides)
   fp8 act-quant  the activation quantization alone (quantize_fp8_activations, per token): the
               share of ours_fp8 that a per-token amax inside the GEMM would save at small M
 The roofline counts the bytes that must move (weight in its format with its scales, x, y) and
@@ -49,6 +51,10 @@ from common import (L2_BYTES, Budget, device, disagreement, exit_status, fp8_cei
                     scaled_mm_available, time_us, verdict, wrong_answer)
 
 from llama4_fast.kernels import quant_matmul, quantize_fp8_activations  # noqa: E402
+from llama4_fast.kernels.dequant import FORMATS  # noqa: E402
+from llama4_fast.kernels.gemm import num_sms  # noqa: E402
+
+qm = sys.modules["llama4_fast.kernels.quant_matmul"]  # the package exports a same-named function
 from llama4_fast.quant import Fp8Weight, Int4Weight, quant_linear_ref, quantize_fp8_activations_ref  # noqa: E402
 
 SHAPES = {"5120x8192": (5120, 8192), "8192x5120": (8192, 5120), "5120x1024": (5120, 1024), "1024x5120": (1024, 5120)}
@@ -57,8 +63,9 @@ QUICK_SHAPES = {"256x96": (256, 96)}
 QUICK_TOKENS = [1, 24]
 GROUP = 128
 WARMUP_MS, REP_MS = 10, 40
-METHODS = ("bf16", "scaled_mm", "ours_fp8", "ours_int4")
-OURS = ("ours_fp8", "ours_int4", "fp8_act_quant")  # the names in a row's "errors" that are our kernels
+METHODS = ("bf16", "scaled_mm", "ours_fp8", "ours_int4", "ours_fp8_tma", "ours_int4_tma")
+# the names in a row's "errors" that are our kernels
+OURS = ("ours_fp8", "ours_int4", "ours_fp8_tma", "ours_int4_tma", "fp8_act_quant")
 SEED = 0
 MAX_WEIGHT_SETS = 48  # TP8 shards are 2.6 MB in INT4: enough copies that repeats miss L2
 
@@ -76,12 +83,22 @@ def make_methods(w: torch.Tensor, dtype, scaled_mm_reason):
     fp8 = Fp8Weight.quantize(w)  # per-channel e4m3, stored K-contiguous
     int4 = Int4Weight.quantize(w, GROUP, scale_dtype=dtype)  # a model's scales: its dtype (w is fp32 here)
     w_lin = w.t().contiguous().to(dtype)  # nn.Linear layout [N, K]
+    K, N = w.shape
+
+    def tma(x, code):  # the call's default launch config with TMA on
+        return qm.launch_config(x.shape[0], N, K, code, GROUP, num_sms(x.device))._replace(tma=True)
+
     methods = {
         "bf16": (lambda x: F.linear(x, w_lin)),
         "ours_fp8": (lambda x: quant_matmul(x, fp8.qweight, fp8.scale, weight_format="fp8_rowwise")),
         "ours_int4": (lambda x: quant_matmul(x, int4.packed, int4.scale, weight_format="int4", group_size=GROUP)),
+        "ours_fp8_tma": (lambda x: quant_matmul(x, fp8.qweight, fp8.scale, weight_format="fp8_rowwise",
+                                                config=tma(x, FORMATS["fp8_rowwise"]))),
+        "ours_int4_tma": (lambda x: quant_matmul(x, int4.packed, int4.scale, weight_format="int4", group_size=GROUP,
+                                                 config=tma(x, FORMATS["int4_sym"]))),
     }
-    refs = {"bf16": None, "ours_fp8": fp8, "ours_int4": int4, "scaled_mm": fp8}
+    refs = {"bf16": None, "ours_fp8": fp8, "ours_int4": int4, "scaled_mm": fp8, "ours_fp8_tma": fp8,
+            "ours_int4_tma": int4}
     if not scaled_mm_reason:
         w_scale = fp8.scale[None, :]
         qw = fp8.qweight  # [K, N] with K contiguous: the column-major B _scaled_mm wants
@@ -140,7 +157,7 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
             row[f"{method}_us"] = t
             # FP8 methods multiply in FP8: their compute floor is the measured FP8 peak
             rl = roofline(t, bytes_moved, row["flops"],
-                          fp8_ceilings(ceilings) if method in ("scaled_mm", "ours_fp8") else ceilings)
+                          fp8_ceilings(ceilings) if method in ("scaled_mm", "ours_fp8", "ours_fp8_tma") else ceilings)
             row.update({f"{method}_{k}": v for k, v in rl.items()})
         if "ours_fp8_us" in row and not budget.exhausted():  # same inputs, timed the same way
             try:
@@ -154,6 +171,9 @@ def bench_shape(name, K, N, tokens, dtype, dev, ceilings, args, budget, scaled_m
                 row[f"{method}_speedup_vs_bf16"] = row["bf16_us"] / row[f"{method}_us"]
         if "ours_fp8_us" in row and "scaled_mm_us" in row:
             row["ours_fp8_vs_scaled_mm"] = row["scaled_mm_us"] / row["ours_fp8_us"]
+        for fmt in ("fp8", "int4"):  # the TMA option against the default, same run
+            if f"ours_{fmt}_us" in row and f"ours_{fmt}_tma_us" in row:
+                row[f"ours_{fmt}_tma_vs_default"] = row[f"ours_{fmt}_us"] / row[f"ours_{fmt}_tma_us"]
         rows.append(row)
         print(f"  M={M}: " + ", ".join(f"{m} {row[f'{m}_us']:.1f} us" for m in METHODS if f"{m}_us" in row), flush=True)
     return rows
@@ -167,7 +187,9 @@ COLUMNS = [
     ("ours_int4_tbps", "int4 TB/s", ".2f"), ("ours_fp8_speedup_vs_bf16", "fp8 x bf16", ".2f"),
     ("ours_int4_speedup_vs_bf16", "int4 x bf16", ".2f"), ("scaled_mm_speedup_vs_bf16", "scaled_mm x bf16", ".2f"),
     ("ours_fp8_vs_scaled_mm", "fp8 x scaled_mm", ".2f"), ("fp8_act_quant_us", "fp8 act-quant us", ".1f"),
-    ("fp8_act_quant_share", "act-quant share", ".0%"), ("ours_fp8_rel_err", "fp8 err", ".1e"),
+    ("fp8_act_quant_share", "act-quant share", ".0%"), ("ours_fp8_tma_us", "fp8 tma us", ".1f"),
+    ("ours_int4_tma_us", "int4 tma us", ".1f"), ("ours_fp8_tma_vs_default", "fp8 default / tma", ".2f"),
+    ("ours_int4_tma_vs_default", "int4 default / tma", ".2f"), ("ours_fp8_rel_err", "fp8 err", ".1e"),
     ("ours_int4_rel_err", "int4 err", ".1e"), ("disagrees", "disagrees", ""),
 ]
 
