@@ -43,23 +43,26 @@ def _pointers(code: int, a: str, w: str, c: str, s: str, z: str, a_s: str) -> di
             s: "*fp32" if fp8 else "*bf16", z: "*u8", a_s: "*fp32"}
 
 
-def _compile_sm90(fn, pointer_types: dict, constexprs: dict, num_warps: int) -> str:
+def _compile(fn, types: dict, const: dict, num_warps: int, num_stages: int = 3, divisible=()):
+    """fn compiled for sm90 (Triton's bundled ptxas, no GPU needed). Arguments take their type
+    from `types` (a name ending in _ptr defaults to *fp32, any other to i32), `const` gives
+    constexprs, every other constexpr option keeps its default (Llama 4's), and an argument the
+    launcher leaves at None (default None, not typed: a bias, a descriptor) is a constexpr None.
+    `divisible` arguments are specialised as multiples of 16, as a launch specialises aligned
+    pointers and strides."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    sig = {n: pointer_types.get(n, "*fp32") if n.endswith("_ptr") else pointer_types.get(n, "i32") for n in names}
-    constexprs = dict(constexprs)
-    # Options left at their defaults (Llama 4's); one the launcher leaves at None (a bias, a
-    # descriptor) is a constexpr None.
+    const = dict(const)
     for param in fn.params:
-        if param.name not in pointer_types and param.name not in constexprs and \
-                (param.is_constexpr or param.default is None):
-            constexprs[param.name] = param.default
-    sig.update({k: "constexpr" for k in constexprs})
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 3}).asm["ptx"]
+        if param.name not in types and param.name not in const and (param.is_constexpr or param.default is None):
+            const[param.name] = param.default
+    sig = {n: "constexpr" if n in const else types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def _quant_descriptors(code: int, a: str, w: str, block_m: int, block_n: int, block_k: int) -> dict:
@@ -87,7 +90,7 @@ def compile_all() -> dict:
             if tma:
                 types.update(_quant_descriptors(code, "a_desc", "w_desc", 128, 128, 64))
                 const["W_TRANSPOSED"] = code <= 2
-            ptx = _compile_sm90(qm._quant_matmul_kernel, types, const, num_warps=8)
+            ptx = _compile(qm._quant_matmul_kernel, types, const, num_warps=8).asm["ptx"]
             out[f"quant_matmul/{fmt}{suffix}"] = {"wgmma": "wgmma.mma_async" in ptx, "e4m3": "e4m3" in ptx,
                                                   "tma": "cp.async.bulk.tensor" in ptx}
         for fmt in ("fp8_block", "int4_asym"):
@@ -100,7 +103,7 @@ def compile_all() -> dict:
             if tma:  # the down GEMM: h in expert order through a descriptor too
                 types.update(_quant_descriptors(code, "a_desc", "b_desc", 64, 64, 64))
                 const.update(B_TRANSPOSED=code <= 2, A_BY_SLOT=True)
-            ptx = _compile_sm90(moe._moe_gemm_kernel, types, const, num_warps=4)
+            ptx = _compile(moe._moe_gemm_kernel, types, const, num_warps=4).asm["ptx"]
             out[f"moe_down/{fmt}{suffix}"] = {"wgmma": "wgmma.mma_async" in ptx, "e4m3": "e4m3" in ptx,
                                               "tma": "cp.async.bulk.tensor" in ptx}
     return out
@@ -134,27 +137,20 @@ def compile_attention_backward() -> dict:
     """{kernel/dtype/D: {"regs", "stack", "wgmma"}} for the dK/dV and dQ kernels with the
     launcher's 16-bit configs, at Llama 4's layout (GQA group 5, chunked, per-sequence starts,
     unit head-dim strides, 16-divisible pointers and strides as a launch specialises them)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     attn = importlib.import_module("llama4_fast.kernels.attention")
     out = {}
     for head_dim in (64, 128):
         for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
             kv_cfg, q_cfg = attn._bwd_launch_config(head_dim, torch_dtype)
             for fn, cfg in ((attn._attn_bwd_dkdv, kv_cfg), (attn._attn_bwd_dq, q_cfg)):
-                names = fn.arg_names
-                sig = {n: "*" + dtype if n in ("Q", "K", "V", "DO", "DQ", "DK", "DV") else "i32" for n in names}
-                sig.update(LSE="*fp32", Delta="*fp32", KVStart="*i64", qk_scale="fp32", scale="fp32")
+                types = {n: "*" + dtype for n in ("Q", "K", "V", "DO", "DQ", "DK", "DV")}
+                types.update(LSE="*fp32", Delta="*fp32", KVStart="*i64", qk_scale="fp32", scale="fp32")
                 const = dict(GROUP=5, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                              BLOCK_D=head_dim, CHUNKED=True, KV_START_TENSOR=True, INPUT_PRECISION="tf32")
-                const.update({n: 1 for n in names if n.startswith("stride_") and n.endswith("d")})
-                sig.update({n: "constexpr" for n in const})
-                div = [n for n, t in sig.items() if t.startswith("*") or (n.startswith("stride_") and t == "i32")]
-                attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div + ["chunk_size"]}
-                kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                const.update({n: 1 for n in fn.arg_names if n.startswith("stride_") and n.endswith("d")})
+                div = [n for n in fn.arg_names if (types.get(n, "").startswith("*")
+                                                   or n.startswith("stride_")) and n not in const]
+                kernel = _compile(fn, types, const, cfg.num_warps, cfg.num_stages, div + ["chunk_size"])
                 usage = _resource_usage(kernel)
                 usage["wgmma"] = "wgmma.mma_async" in kernel.asm["ptx"]
                 out[f"{fn.__name__}/{dtype}/D{head_dim}"] = usage
@@ -184,34 +180,13 @@ def compile_moe_training() -> dict:
     yet, in bf16 with the tiles the launchers pick at Scout's shape (T=8192, top-1): the
     forward that saves the pre-activations, with gpt-oss's options (biases, interleaved gate/up,
     the clamped SwiGLU); the SwiGLU-backward GEMM (dOut @ down^T); the weight-gradient GEMM."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     moe = importlib.import_module("llama4_fast.kernels.moe")
     # the forward takes the H100 table on sm90, the backward the heuristic (fused_moe_backward)
     fwd = moe.select_config(8192, 1, 16, 5120, 8192, torch.bfloat16, num_sms=132, use_table=True)
     cfg = moe.select_config(8192, 1, 16, 5120, 8192, torch.bfloat16, num_sms=132, use_table=False)
 
-    def build(fn, const, pointers, num_warps, num_stages):
-        names = fn.arg_names
-        for param in fn.params:  # constexpr options left at their defaults (Llama 4's)
-            if param.is_constexpr and param.name not in const:
-                const[param.name] = param.default
-        sig = {}
-        for n in names:
-            if n in const:
-                sig[n] = "constexpr"
-            elif n.endswith("_ptr"):
-                sig[n] = pointers.get(n, "*fp32")
-            else:
-                sig[n] = "fp32" if n.startswith("glu_") else "i32"
-        unused = [n for n in names if n.endswith(("_ptr", "_desc")) and n not in pointers
-                  and fn.params[names.index(n)].default is None]
-        for n in unused:  # a pointer or descriptor the launcher leaves at None is a constexpr None
-            sig[n], const[n] = "constexpr", None
-        kernel = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=num_warps, num_stages=num_stages))
+    def build(fn, const, types, num_warps, num_stages):
+        kernel = _compile(fn, types, const, num_warps, num_stages)
         usage = _resource_usage(kernel)
         usage["wgmma"] = "wgmma.mma_async" in kernel.asm["ptx"]
         return usage
@@ -232,7 +207,8 @@ def compile_moe_training() -> dict:
            "forward+preact/gpt-oss options": build(
                moe._moe_gemm_kernel, dict(gated, SCALE_C=False, STORE_PREACT=True, GATE_UP_INTERLEAVED=True,
                                           ACTIVATION=moe.CLAMPED_SWIGLU.value),
-               dict(dense, preact_ptr="*bf16", bias_ptr="*bf16"), g.num_warps, g.num_stages)}
+               dict(dense, preact_ptr="*bf16", bias_ptr="*bf16", glu_limit="fp32", glu_alpha="fp32"), g.num_warps,
+               g.num_stages)}
     g = cfg.gate_up
     common = tiles(cfg, g)
     out["swiglu backward (dOut @ down^T)"] = build(
@@ -266,13 +242,8 @@ def compile_moe_hopper() -> dict:
     heuristic tiles; interleaved gate/up, clamped SwiGLU, biases), as a launch specialises them
     (16-divisible pointers and row strides, tensor descriptors for the weights and the down
     GEMM's A)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     moe = importlib.import_module("llama4_fast.kernels.moe")
     fn = moe._moe_gemm_kernel
-    names = fn.arg_names
     pointers = dict(topk_ids_ptr="*i32", topk_weights_ptr="*fp32", sorted_pairs_ptr="*i32", expert_offsets_ptr="*i32",
                     block_offsets_ptr="*i32", a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", bs_ptr="*bf16",
                     bz_ptr="*u8", as_ptr="*fp32")
@@ -299,27 +270,13 @@ def compile_moe_hopper() -> dict:
                     else:
                         descs["a_desc"] = f"tensordesc<bf16[{cfg.block_m},{g.block_k}]>"
                         const["A_BY_SLOT"] = True
-                for param in fn.params:  # the other options at their defaults (Llama 4's)
-                    if param.is_constexpr and param.name not in const:
-                        const[param.name] = param.default
-                sig = {}
-                for n in names:
-                    if n in const:
-                        sig[n] = "constexpr"
-                    elif n in descs:
-                        sig[n] = descs[n]
-                    elif n in ptrs:
-                        sig[n] = "*fp32" if n == "c_ptr" and const["C_PARTIAL"] else ptrs[n]
-                    elif n.startswith("glu_") and gated and variant:
-                        sig[n] = "fp32"
-                    elif fn.params[names.index(n)].default is None:  # left at None by the launcher
-                        sig[n], const[n] = "constexpr", None
-                    else:
-                        sig[n] = "i32"
+                types = dict(ptrs, **descs)
+                if const["C_PARTIAL"]:
+                    types["c_ptr"] = "*fp32"
+                if gated and variant:
+                    types.update(glu_limit="fp32", glu_alpha="fp32")
                 div = [n for n in ptrs] + ["stride_be", "stride_bk", "stride_am", "stride_cm", "c_split_stride"]
-                attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div}
-                kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                                        options=dict(num_warps=g.num_warps, num_stages=g.num_stages))
+                kernel = _compile(fn, types, const, g.num_warps, g.num_stages, div)
                 usage = _resource_usage(kernel)
                 ptx = kernel.asm["ptx"]
                 usage.update(wgmma="wgmma.mma_async" in ptx, tma="cp.async.bulk.tensor" in ptx,
@@ -350,30 +307,23 @@ def compile_attention_forward() -> dict:
     Llama 4's prefill (GQA group 5, chunked, head dim 128, the 16-bit prefill table's 128 query
     rows and 8 warps), with 64- and 128-key tiles, and the pointer path's 128-key tiles beside
     them; pointers and strides 16-divisible as a launch specialises them."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     attn = importlib.import_module("llama4_fast.kernels.attention")
-    fn, names, out = attn._attn_fwd, attn._attn_fwd.arg_names, {}
+    fn, out = attn._attn_fwd, {}
     for dtype, block_n, tma in (("bf16", 64, True), ("fp16", 64, True), ("bf16", 128, True), ("fp16", 128, True),
                                 ("bf16", 128, False)):
         with attn.forward_variant(tma=tma, block_n=block_n):  # the variant's config, as a launch takes it
             cfg = attn._forward_config(128, getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]), False,
                                        8192, *[torch.empty(1, 1, 8192, 128)] * 2)
         assert (cfg.block_n, cfg.tma) == (block_n, tma), cfg
-        sig = {n: "i32" for n in names}
         kv = f"tensordesc<{dtype}[1,1,{block_n},128]>" if tma else "*" + dtype
-        sig.update(Q="*" + dtype, K=kv, V=kv, Out="*" + dtype, PartialO="*fp32", PartialLSE="*fp32",
-                   KVStart="*i64", KVLen="*i32", qk_scale="fp32")
+        types = dict(Q="*" + dtype, K=kv, V=kv, Out="*" + dtype, PartialO="*fp32", PartialLSE="*fp32",
+                     KVStart="*i64", KVLen="*i32", qk_scale="fp32")
         const = dict(GROUP=5, PACK=1, HEAD_DIM=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=128,
                      CHUNKED=True, KV_START_TENSOR=False, KV_LEN_TENSOR=False, SPLIT=False, STORE_LSE=False,
                      KV_TMA=tma, INPUT_PRECISION="tf32", stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1)
-        sig.update({n: "constexpr" for n in const})
-        div = [n for n, t in sig.items() if t.startswith("*") or (n.startswith("stride_") and t == "i32")]
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div + ["chunk_size"]}
-        kernel = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        div = [n for n in fn.arg_names if (types.get(n, "").startswith("*") or n.startswith("stride_"))
+               and n not in const]
+        kernel = _compile(fn, types, const, cfg.num_warps, cfg.num_stages, div + ["chunk_size"])
         usage = _resource_usage(kernel)
         ptx = kernel.asm["ptx"]
         usage.update(shared=kernel.metadata.shared, tma="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx)
