@@ -10,6 +10,7 @@ script exits 1 (common.exit_status) once the table and the JSON are out.
     python benchmarks/tune_moe.py                   # the default cases (~2 minutes on an H100)
     python benchmarks/tune_moe.py --hopper          # only MoeConfig's Hopper options, each case
     python benchmarks/tune_moe.py --hopper --cases scout:8192 maverick:1
+    python benchmarks/tune_moe.py --hopper --weights fp8 --cases scout:8192 maverick-tp8:1
     python benchmarks/tune_moe.py --hopper --quick  # toy sizes; runs on CPU (interpreter)
 
 --hopper times each case's default config against the same tiles with MoeConfig's Hopper
@@ -38,6 +39,9 @@ from common import Budget, exit_status, markdown_table, rel_err, time_us, verdic
 from llama4_fast.backends import torch_ref  # noqa: E402
 from llama4_fast.kernels import moe, route  # noqa: E402
 from llama4_fast.kernels.gemm import GemmConfig  # noqa: E402
+from llama4_fast.quant import expert_kernel_args, quantize_weight  # noqa: E402
+
+INT4_GROUP, QUICK_INT4_GROUP = 128, 32  # the toy shape's H = 64
 
 # (E, H, I); -tp8: one of eight tensor-parallel shards of the experts (I / 8)
 SHAPES = {"scout": (16, 5120, 8192), "maverick": (128, 5120, 8192), "scout-tp8": (16, 5120, 1024),
@@ -89,7 +93,7 @@ def hopper_candidates(base: moe.MoeConfig, T: int) -> list[tuple[str, moe.MoeCon
     return out
 
 
-def run_case(shape: str, T: int, budget: Budget, hopper: bool = False) -> list[dict]:
+def run_case(shape: str, T: int, budget: Budget, hopper: bool = False, scheme: str = "bf16") -> list[dict]:
     E, H, I = {**SHAPES, **QUICK_SHAPES}[shape]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter has no bf16 dot
@@ -98,9 +102,18 @@ def run_case(shape: str, T: int, budget: Budget, hopper: bool = False) -> list[d
     w2 = torch.randn(E, I, H, device=dev, dtype=dtype, generator=gen).mul_(0.02)
     x = torch.randn(T, H, device=dev, dtype=dtype, generator=gen)
     weights, ids = route(torch.randn(T, E, device=dev, dtype=dtype, generator=gen), 1)
-    base = moe.launch_config(x, w13, w2, 1)
-    ref = moe._launch(x, w13, w2, weights, ids, True, torch.empty_like(x), base).float()
-    torch_out = torch_ref.fused_moe(x, w13, w2, weights, ids)  # the default config's own check
+    quant = None
+    if scheme != "bf16":  # the experts in their stored quantized layout, as a model holds them
+        group = QUICK_INT4_GROUP if shape in QUICK_SHAPES else INT4_GROUP
+        w13, w2 = (quantize_weight(w, scheme, group) for w in (w13, w2))
+        torch_out = torch_ref.fused_moe(x, w13, w2, weights, ids)
+        kw = expert_kernel_args(w13, w2)
+        w13, w2 = w13.tensors()[0], w2.tensors()[0]
+        quant = moe.quant_experts_args(x, w13, w2, **kw)
+    else:
+        torch_out = torch_ref.fused_moe(x, w13, w2, weights, ids)  # the default config's own check
+    base = moe.launch_config(x, w13, w2, 1, quant)
+    ref = moe._launch(x, w13, w2, weights, ids, True, torch.empty_like(x), base, quant).float()
     candidates = [("default", base)]
     if hopper:
         candidates += hopper_candidates(base, T)
@@ -122,19 +135,19 @@ def run_case(shape: str, T: int, budget: Budget, hopper: bool = False) -> list[d
             continue
         seen.append(cfg)
         out = torch.empty_like(x)
-        row = {"shape": shape, "T": T, "config": label}
+        row = {"shape": shape, "T": T, "weights": scheme, "config": label}
         if budget.exhausted():
             row["error"] = "skipped: time budget"
             rows.append(row)
             continue
         try:
-            row["us"] = graph_time(lambda: moe._launch(x, w13, w2, weights, ids, True, out, cfg))
+            row["us"] = graph_time(lambda: moe._launch(x, w13, w2, weights, ids, True, out, cfg, quant))
             row["err"] = rel_err(out, torch_out if label == "default" else ref)
             row["wrong"] = wrong_answer(row["err"])
         except Exception as e:  # noqa: BLE001 - a config that fails to compile is a data point
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
-        print(f"  {shape} T={T} {label}: {row.get('us', float('nan')):.1f} us "
+        print(f"  {shape} {scheme} T={T} {label}: {row.get('us', float('nan')):.1f} us "
               f"err {row.get('err', float('nan')):.1e} {row.get('error', '')}", flush=True)
     default_us = rows[0].get("us")
     for r in rows:  # the same case's default over this candidate, from the same run
@@ -156,9 +169,14 @@ def main(argv=None):
                              f"shapes: {', '.join(SHAPES)}")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="wall-clock budget; candidates past it are skipped (default: none)")
+    parser.add_argument("--weights", choices=("bf16", "fp8", "int4"), default="bf16",
+                        help=f"the experts' format (fp8: per-channel e4m3; int4: group {INT4_GROUP}); the tile sweep "
+                             "is bf16's, --hopper compares the options in any format")
     parser.add_argument("--quick", action="store_true",
                         help="a toy shape instead of --cases (CPU-runnable through the Triton interpreter)")
     args = parser.parse_args(argv)
+    if args.weights != "bf16" and not args.hopper:
+        parser.error("--weights fp8/int4 takes --hopper (the tile sweep's K steps are bf16's, not inside scale groups)")
     cases = list(QUICK_CASES) if args.quick else []
     for case in [] if args.quick else args.cases:
         shape, _, tokens = case.partition(":")
@@ -171,11 +189,12 @@ def main(argv=None):
     rows = []
     budget = Budget(float("inf") if args.budget_s is None else args.budget_s)
     for shape, T in cases:
-        rows += run_case(shape, T, budget, args.hopper)
+        rows += run_case(shape, T, budget, args.hopper, args.weights)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    cols = [("shape", "shape", ""), ("T", "T", ""), ("config", "config", ""), ("us", "graph us", ".1f"), ("vs_default", "default / this", ".2f"),
-            ("err", "err", ".1e"), ("best", "best", "")]
+    cols = [("shape", "shape", ""), ("weights", "weights", ""), ("T", "T", ""), ("config", "config", ""),
+            ("us", "graph us", ".1f"), ("vs_default", "default / this", ".2f"), ("err", "err", ".1e"),
+            ("best", "best", "")]
     print(markdown_table(rows, cols))
     found = verdict([(f"{r['shape']} T={r['T']} {r['config']}", r.get("wrong")) for r in rows], [])
     print(write_results("tune_moe", {"cases": rows, "verdict": found}))
