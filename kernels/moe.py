@@ -44,12 +44,13 @@ quantized per token on the device first, and the router weight still scales the 
 WEIGHT_FORMAT=DENSE keeps the 16-bit path's K loop and epilogue as they were (same PTX for
 sm90, checked by compiling both versions).
 
-Two Hopper options of the same kernels (MoeConfig.tma, MoeConfig.epilogue_block_n; off unless a
-config sets them, as no GPU has measured them yet): the dense weights, and the down GEMM's A,
-read through tensor descriptors (TMA: no per-element addresses in registers, deeper pipelines),
-with gate_up writing h in expert order (dispatch slots) so that a row block's rows are
-consecutive; and the epilogue stored in column pieces. Both together leave the table's 128 x 256
-down tile without the register spills it has otherwise (tests/test_sm90_compile.py).
+Three Hopper options of the same kernels (MoeConfig.tma, .epilogue_block_n, .pdl; off unless a
+config sets them, as no GPU has measured them yet): the weights (any format, as stored or
+nn.Linear-style), and the down GEMM's A, read through tensor descriptors (TMA: no per-element
+addresses in registers, deeper pipelines), with gate_up writing h in expert order (dispatch
+slots) so that a row block's rows are consecutive; the epilogue stored in column pieces; and
+programmatic dependent launches. TMA and the pieces together leave the table's 128 x 256 down
+tile without the register spills it has otherwise (tests/test_sm90_compile.py).
 
 Launch configs come from a per-shape H100 table (configs/moe_h100.json) keyed by tokens per
 expert, else from a heuristic; each (bucket, dtype, flags) is one compiled variant, never an
@@ -250,8 +251,8 @@ def _moe_gemm_kernel(
     # tensor descriptor over B as stored (device.weight_descriptor, gemm.weight_tile), logical
     # [E, K, N_total] tiles [BLOCK_K, BLOCK_N] (packed INT4: K / 2 rows, BLOCK_K / 2 a step;
     # dense GATED with GATE_UP_INTERLEAVED: 2 BLOCK_N, gate and up columns in one tile); a_desc:
-    # one over A [rows, K] with blocks [BLOCK_M, BLOCK_K],
-    # for an A whose rows of a block are consecutive (A_BY_SLOT, or DIRECT with A_ROW_DIV == 1)
+    # one over A [rows, K] with blocks [BLOCK_M, BLOCK_K], for an A whose rows of a block are
+    # consecutive (A_BY_SLOT, or DIRECT with A_ROW_DIV == 1)
     b_desc=None, a_desc=None,
     B_TRANSPOSED: tl.constexpr = False,  # b_desc is over B's [E, N_total, K] transpose (K contiguous)
     # the rows of A (A_BY_SLOT) or C (C_BY_SLOT) are dispatch slots, the pairs in expert order,

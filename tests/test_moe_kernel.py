@@ -457,16 +457,19 @@ def test_expert_variants_match_float64(device, variant, T, E, top_k, dtype, on_i
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("T,top_k,split", [(3, 2, 2), (40, 2, 1)])
-def test_expert_variants_with_tma(device, variant, T, top_k, split):
+@pytest.mark.parametrize("T,top_k,split,layout", [(3, 2, 2, "stored"), (40, 2, 1, "stored"), (40, 2, 1, "linear")])
+def test_expert_variants_with_tma(device, variant, T, top_k, split, layout):
     """MoeConfig.tma with transformers' other experts: interleaved gate/up columns come in one
-    block twice as wide (split into gate and up in registers), biases and gates as without."""
+    block twice as wide (split into gate and up in registers; for nn.Linear-style weights, a
+    block of the transpose), biases and gates as without."""
     E, H, I = 4, 40, 24
     x, w13, w2, weights, ids = make_inputs(T, E, H, I, top_k, torch.float32, device)
     kw = variant_kwargs(variant, E, H, I, torch.float32, device)
-    assert kernel_device.tensor_descriptor(w13, [1, 16, 32]) is not None
+    w = (w13, w2) if layout == "stored" else linear_style(w13, w2)
+    desc, transposed = kernel_device.weight_descriptor(w[0], 16, 32)
+    assert desc is not None and transposed == (layout == "linear")
     out = poisoned(x.shape, x.dtype, device)
-    fused_moe(x, w13, w2, weights, ids, apply_router_weight_on_input=False, out=out,
+    fused_moe(x, *w, weights, ids, apply_router_weight_on_input=False, out=out,
               config=replace(_cfg(16, split, 1), tma=True), **kw)
     assert_close(out, experts64(x, w13, w2, weights, ids, **reference_kwargs(kw, False)))
 
