@@ -102,16 +102,14 @@ def run_case(shape: str, T: int, budget: Budget, hopper: bool = False, scheme: s
     w2 = torch.randn(E, I, H, device=dev, dtype=dtype, generator=gen).mul_(0.02)
     x = torch.randn(T, H, device=dev, dtype=dtype, generator=gen)
     weights, ids = route(torch.randn(T, E, device=dev, dtype=dtype, generator=gen), 1)
+    experts = (w13, w2)  # what the torch reference takes: the tensors, or the quantized format objects
     quant = None
     if scheme != "bf16":  # the experts in their stored quantized layout, as a model holds them
         group = QUICK_INT4_GROUP if shape in QUICK_SHAPES else INT4_GROUP
-        w13, w2 = (quantize_weight(w, scheme, group) for w in (w13, w2))
-        torch_out = torch_ref.fused_moe(x, w13, w2, weights, ids)
-        kw = expert_kernel_args(w13, w2)
-        w13, w2 = w13.tensors()[0], w2.tensors()[0]
-        quant = moe.quant_experts_args(x, w13, w2, **kw)
-    else:
-        torch_out = torch_ref.fused_moe(x, w13, w2, weights, ids)  # the default config's own check
+        experts = tuple(quantize_weight(w, scheme, group) for w in (w13, w2))
+        w13, w2 = (q.tensors()[0] for q in experts)
+        quant = moe.quant_experts_args(x, w13, w2, **expert_kernel_args(*experts))
+    torch_out = torch_ref.fused_moe(x, *experts, weights, ids)  # the default config's own check
     base = moe.launch_config(x, w13, w2, 1, quant)
     ref = moe._launch(x, w13, w2, weights, ids, True, torch.empty_like(x), base, quant).float()
     candidates = [("default", base)]

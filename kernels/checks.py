@@ -259,6 +259,13 @@ def power_of_two(name: str, v, lo: int = 16) -> int:
     return v
 
 
+def flag(name: str, v) -> bool:
+    """`v` (called `name`) as an on/off option: True or False, nothing truthy in their place."""
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
 def positive_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 import triton.language as tl
 
 
@@ -51,7 +52,6 @@ def tma_unavailable(*tensors: torch.Tensor) -> str | None:
     if any(t.is_cuda and not _hopper(t.device) for t in tensors):
         return "a GPU before Hopper (sm90)"
     if descriptor_class() is None:
-        import triton
         return f"triton {triton.__version__} has no host-side TensorDescriptor"
     if not tma_layout_ok(*tensors):
         return "a layout TMA cannot address (tma_layout_ok)"

@@ -889,8 +889,7 @@ def hopper_args(cfg: MoeConfig, where: str = "config"):
     """Check a MoeConfig's Hopper options: tma and pdl bools, epilogue_block_n None or a power
     of two."""
     for field in ("tma", "pdl"):
-        if not isinstance(getattr(cfg, field), bool):
-            raise ValueError(f"{where}.{field} must be True or False, got {getattr(cfg, field)!r}")
+        checks.flag(f"{where}.{field}", getattr(cfg, field))
     if cfg.epilogue_block_n is not None:
         checks.power_of_two(f"{where}.epilogue_block_n", cfg.epilogue_block_n, 1)
 

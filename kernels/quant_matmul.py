@@ -315,8 +315,7 @@ def config_args(cfg, code: int, group_k: int):
     checks.power_of_two("config.num_warps", cfg.num_warps, 1)
     for field in ("group_m", "num_stages", "split_k"):
         checks.positive_int(f"config.{field}", getattr(cfg, field))
-    if not isinstance(cfg.tma, bool):
-        raise ValueError(f"config.tma must be True or False, got {cfg.tma!r}")
+    checks.flag("config.tma", cfg.tma)
     block_k_args("config.block_k", cfg.block_k, code, group_k)
 
 
